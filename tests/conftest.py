@@ -1,10 +1,19 @@
-"""Test setup: 8 fake CPU devices so every test exercises the sharded code path."""
+"""Test setup: 8 fake CPU devices so every test exercises the sharded code path, and a compilation
+cache shared by the whole session (identical programs compiled by different tests compile once)."""
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("MLM_JAX_TEST_CACHE", os.path.join(tempfile.gettempdir(),
+                                                                   "mlm_jax_test_jax_cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def pytest_addoption(parser):

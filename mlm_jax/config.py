@@ -1,0 +1,228 @@
+"""The config schema: every field, its default and what it means, plus start-up validation.
+
+Workload files in `configs/` start from `base_config()` and change what they need. `validate()` runs
+before anything is compiled and rejects unknown fields and bad values with a `ConfigError` that names
+the field (`config.model.hidden_size: ...`).
+"""
+import ml_collections
+
+from mlm_jax.data import config as data_config
+from mlm_jax.errors import ConfigError
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All fields with their defaults. A workload config may change values but not add fields."""
+  c = ml_collections.ConfigDict()
+  # Seed of everything random: init, data order, masks, dropout. Same seed => same run.
+  c.seed = 0
+
+  c.model = m = ml_collections.ConfigDict()
+  # Number of encoder blocks.
+  m.num_layers = 2
+  # Width of the residual stream (embedding size).
+  m.hidden_size = 128
+  # Attention heads; must divide hidden_size.
+  m.num_heads = 2
+  # Width of the feed-forward block (BERT uses 4 * hidden_size).
+  m.intermediate_size = 512
+  # Token vocabulary size; must equal the tokenizer's vocabulary size.
+  m.vocab_size = 2048
+  # Longest sequence (tokens incl. [CLS]/[SEP]); size of the position table.
+  m.max_len = 128
+  # Token-type vocabulary (2 for BERT segment A/B, or structural/text for event sessions).
+  m.type_vocab_size = 2
+  # Extra categorical inputs added to the token embedding: name -> vocabulary size,
+  # e.g. {'tld': 600} or {'event_type': 16}. The data pipeline emits a [B, L] id array per name.
+  m.extra_embeddings = ml_collections.ConfigDict()
+  # Dropout on embeddings, attention output and feed-forward output (0 disables).
+  m.dropout = 0.1
+  # Dropout on attention probabilities (0 disables; keeps the fused attention kernels usable).
+  m.attention_dropout = 0.0
+  # 'post' = original BERT (LayerNorm after each residual add); 'pre' = pre-LN (more stable, deep models).
+  m.layer_norm = 'post'
+  # LayerNorm epsilon.
+  m.layer_norm_eps = 1e-12
+  # Std of the truncated-normal initializer (BERT: 0.02).
+  m.init_std = 0.02
+  # Compute dtype: 'float32', or 'bfloat16' for mixed precision (params stay in param_dtype).
+  # 'auto' = bfloat16 on GPU/TPU, float32 on CPU.
+  m.dtype = 'auto'
+  # Parameter and optimizer-state dtype.
+  m.param_dtype = 'float32'
+  # Rematerialization of each encoder block in the backward pass: 'none' (fastest, most memory),
+  # 'full' (recompute everything, least memory), 'save_dots' (keep matmul outputs, recompute the rest).
+  m.remat_policy = 'none'
+  # Apply the (always stacked) encoder blocks with lax.scan: fast compile for deep models, same numbers.
+  m.scan_layers = False
+  # jax.nn.dot_product_attention implementation: 'auto' (XLA picks), 'xla' or 'cudnn'.
+  m.attention_impl = 'auto'
+
+  c.optimizer = o = ml_collections.ConfigDict()
+  # Peak learning rate (reached at the end of warmup).
+  o.learning_rate = 1e-3
+  # Decay after warmup: 'cosine', 'linear' or 'constant'.
+  o.schedule = 'cosine'
+  # Linear warmup from 0 over this many optimizer steps.
+  o.warmup_steps = 100
+  # Final learning rate as a fraction of the peak (cosine/linear).
+  o.end_lr_ratio = 0.0
+  # Decoupled (AdamW) weight decay; never applied to biases or LayerNorm scales.
+  o.weight_decay = 0.01
+  # Adam first-moment decay.
+  o.b1 = 0.9
+  # Adam second-moment decay.
+  o.b2 = 0.999
+  # Adam epsilon.
+  o.eps = 1e-6
+  # Clip gradients to this global norm (0 disables).
+  o.clip_norm = 1.0
+
+  c.train = t = ml_collections.ConfigDict()
+  # Optimizer steps to train for (one step = batch_size sequences, whatever grad_accum_steps is).
+  t.steps = 1000
+  # Global batch size in sequences, across all devices and hosts.
+  t.batch_size = 32
+  # Micro-batches per optimizer step (summed inside one jitted step); must divide batch_size.
+  t.grad_accum_steps = 1
+  # Log train metrics every this many steps.
+  t.log_every = 50
+  # Evaluate every this many steps (0 disables; an eval always runs at the last step if enabled).
+  t.eval_every = 500
+  # Eval batches per evaluation (-1 = the whole eval split).
+  t.eval_steps = 20
+  # Debug hook: train on the first batch over and over; the loss must go to ~0.
+  t.overfit_one_batch = False
+  # Loss or gradient not finite: 'halt' (stop with a message; the bad update is never applied)
+  # or 'skip' (drop that update and go on; halt after max_nonfinite_in_a_row).
+  t.nonfinite = 'halt'
+  # With nonfinite='skip': halt after this many non-finite steps in a row.
+  t.max_nonfinite_in_a_row = 10
+  # Warn when the global gradient norm (before clipping) exceeds this.
+  t.grad_norm_warn = 100.0
+  # Peak FLOP/s of one device for the MFU estimate; 0 = look up by device kind (measured on CPU).
+  t.peak_flops = 0.0
+  # Stop when checkpoint.best_metric has not improved for this many evaluations (0 disables).
+  t.early_stopping_patience = 0
+  # Resume even if a field that breaks bitwise-exact continuation changed (model shape, seed, data,
+  # batch size, ...); the run warns that the resume is not exact.
+  t.allow_inexact_resume = False
+  # Show a console progress bar.
+  t.progress_bar = True
+
+  c.sharding = s = ml_collections.ConfigDict()
+  # Devices on the 'data' mesh axis (-1 = all devices not used by fsdp).
+  s.data = -1
+  # Devices on the 'fsdp' mesh axis: params and optimizer state are sharded over it (1 = replicated).
+  s.fsdp = 1
+
+  c.data = data_config.defaults()
+
+  c.checkpoint = k = ml_collections.ConfigDict()
+  # Save every this many steps (0 = only at the end and on preemption).
+  k.every = 500
+  # Keep the newest this many checkpoints.
+  k.keep = 2
+  # Also keep the best this many by best_metric (0 disables).
+  k.keep_best = 1
+  # Eval metric that ranks checkpoints and drives early stopping.
+  k.best_metric = 'eval/loss'
+  # Save in a background thread (training goes on while the bytes are written).
+  k.async_save = True
+  return c
+
+
+_CHOICES = {
+    'model.layer_norm': ('post', 'pre'),
+    'model.dtype': ('auto', 'float32', 'bfloat16'),
+    'model.param_dtype': ('float32', 'bfloat16'),
+    'model.remat_policy': ('none', 'full', 'save_dots'),
+    'model.attention_impl': ('auto', 'xla', 'cudnn'),
+    'optimizer.schedule': ('cosine', 'linear', 'constant'),
+    'train.nonfinite': ('halt', 'skip'),
+}
+_POSITIVE = ('model.num_layers', 'model.hidden_size', 'model.num_heads', 'model.intermediate_size',
+             'model.vocab_size', 'model.max_len', 'model.type_vocab_size', 'train.steps',
+             'train.batch_size', 'train.grad_accum_steps', 'train.log_every')
+_NON_NEGATIVE = ('optimizer.warmup_steps', 'optimizer.weight_decay', 'optimizer.clip_norm',
+                 'optimizer.end_lr_ratio', 'train.eval_every', 'train.peak_flops',
+                 'checkpoint.every', 'checkpoint.keep_best', 'train.max_nonfinite_in_a_row')
+
+
+def _flatten(d, prefix=''):
+  out = {}
+  for key, value in d.items():
+    name = f'{prefix}{key}'
+    if isinstance(value, (ml_collections.ConfigDict, dict)) and not name.startswith(
+        'model.extra_embeddings'):
+      out.update(_flatten(value, name + '.'))
+    else:
+      out[name] = value
+  return out
+
+
+def get(config, name):
+  for part in name.split('.'):
+    config = config[part]
+  return config
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first unknown field or bad value."""
+  base = _flatten(base_config())
+  given = _flatten(config)
+  for name, value in given.items():
+    if name not in base:
+      raise ConfigError(name, 'unknown field (see README "Config reference")')
+    default = base[name]
+    if isinstance(default, bool) and not isinstance(value, bool):
+      raise ConfigError(name, f'expected true/false, got {value!r}')
+    if isinstance(default, (int, float)) and not isinstance(default, bool) and (
+        isinstance(value, bool) or not isinstance(value, (int, float))):
+      raise ConfigError(name, f'expected a number, got {value!r}')
+    if isinstance(default, str) and not isinstance(value, str):
+      raise ConfigError(name, f'expected a string, got {value!r}')
+  for name, choices in _CHOICES.items():
+    if get(config, name) not in choices:
+      raise ConfigError(name, f'{get(config, name)!r} is not one of {choices}')
+  for name in _POSITIVE:
+    if get(config, name) <= 0:
+      raise ConfigError(name, f'must be > 0, got {get(config, name)}')
+  for name in _NON_NEGATIVE:
+    if get(config, name) < 0:
+      raise ConfigError(name, f'must be >= 0, got {get(config, name)}')
+  m, t, o = config.model, config.train, config.optimizer
+  if m.hidden_size % m.num_heads:
+    raise ConfigError('model.num_heads', f'{m.num_heads} does not divide hidden_size {m.hidden_size}')
+  for name, size in m.extra_embeddings.items():
+    if not isinstance(size, int) or size <= 0:
+      raise ConfigError(f'model.extra_embeddings.{name}', f'vocabulary size must be an int > 0, got {size!r}')
+  if not 0 <= m.dropout < 1:
+    raise ConfigError('model.dropout', f'must be in [0, 1), got {m.dropout}')
+  if not 0 <= m.attention_dropout < 1:
+    raise ConfigError('model.attention_dropout', f'must be in [0, 1), got {m.attention_dropout}')
+  if t.batch_size % t.grad_accum_steps:
+    raise ConfigError('train.grad_accum_steps',
+                      f'{t.grad_accum_steps} does not divide train.batch_size {t.batch_size}')
+  if o.learning_rate <= 0:
+    raise ConfigError('optimizer.learning_rate', f'must be > 0, got {o.learning_rate}')
+  if not (0 <= o.b1 < 1 and 0 <= o.b2 < 1):
+    raise ConfigError('optimizer.b1' if not 0 <= o.b1 < 1 else 'optimizer.b2', 'must be in [0, 1)')
+  if o.warmup_steps > t.steps:
+    raise ConfigError('optimizer.warmup_steps', f'{o.warmup_steps} is longer than train.steps {t.steps}')
+  if config.sharding.fsdp < 1 or (config.sharding.data < 1 and config.sharding.data != -1):
+    raise ConfigError('sharding', 'data must be -1 or >= 1 and fsdp >= 1')
+  if config.checkpoint.keep < 1:
+    raise ConfigError('checkpoint.keep', 'must be >= 1 (the newest checkpoint is always kept)')
+  data_config.validate(config)
+
+
+def resolve_dtype(name: str, backend: str) -> str:
+  """'auto' compute dtype: bfloat16 where the hardware has fast bf16 matmuls, else float32."""
+  if name != 'auto':
+    return name
+  return 'float32' if backend == 'cpu' else 'bfloat16'
+
+
+def max_predictions(config) -> int:
+  """P, the fixed number of prediction slots per sequence."""
+  return data_config.max_predictions(config)

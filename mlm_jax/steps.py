@@ -1,0 +1,115 @@
+"""The pure, jitted train and eval steps.
+
+State is a dict pytree: {'step', 'params' (nnx.State), 'opt_state', 'key' (uint32 key data)}.
+Randomness is a pure function of (key, step, micro-batch), so a resumed run draws the same dropout.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mlm_jax import sharding as shd
+
+
+def init_state(graphdef, params, optimizer, seed: int):
+  return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': optimizer.init(params),
+          'key': jax.random.key_data(jax.random.key(seed))}
+
+
+def _mlm_sums(graphdef, params, batch, dropout_key):
+  """Sums over the prediction slots: (loss_sum, correct_sum). Unused slots have weight 0."""
+  logits_BPV = nnx.merge(graphdef, params)(batch, dropout_key)
+  targets_BP, weights_BP = batch['mlm_targets'], batch['mlm_weights']
+  ce_BP = optax.softmax_cross_entropy_with_integer_labels(logits_BPV, targets_BP)
+  correct_BP = (jnp.argmax(logits_BPV, -1) == targets_BP).astype(jnp.float32)
+  return jnp.sum(ce_BP * weights_BP), jnp.sum(correct_BP * weights_BP)
+
+
+def train_step(state, batch, *, graphdef, optimizer, schedule, grad_accum_steps: int,
+               use_dropout: bool, mesh=None):
+  """One optimizer step over the global batch, as `grad_accum_steps` micro-batches in a lax.scan.
+
+  The loss is Σ(weight·CE) / Σweight over the WHOLE global batch, so accumulation, device count and
+  process count do not change the gradient (up to float summation order).
+  """
+  params = state['params']
+  weight_sum = jnp.sum(batch['mlm_weights'])
+  denominator = jnp.maximum(weight_sum, 1.0)
+  step_key = jax.random.fold_in(jax.random.wrap_key_data(state['key']), state['step'])
+
+  def micro_loss(params, micro, i):
+    key = jax.random.fold_in(step_key, i) if use_dropout else None
+    loss_sum, correct_sum = _mlm_sums(graphdef, params, micro, key)
+    return loss_sum / denominator, (loss_sum, correct_sum)
+
+  grad_fn = jax.grad(micro_loss, has_aux=True)
+  if grad_accum_steps == 1:
+    grads, (loss_sum, correct_sum) = grad_fn(params, batch, 0)
+  else:
+    a = grad_accum_steps
+
+    def split(x):
+      # Row r goes to micro-batch r % a, so each micro-batch stays spread over every device.
+      x = x.reshape(x.shape[0] // a, a, *x.shape[1:]).swapaxes(0, 1)
+      if mesh is not None:
+        x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, shd.BATCH_AXES)))
+      return x
+
+    micro_batches = jax.tree.map(split, batch)
+
+    def body(carry, inputs):
+      grads_acc, loss_acc, correct_acc = carry
+      micro, i = inputs
+      grads, (loss_sum, correct_sum) = grad_fn(params, micro, i)
+      return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss_sum,
+              correct_acc + correct_sum), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grads, loss_sum, correct_sum), _ = jax.lax.scan(
+        body, (zeros, 0.0, 0.0), (micro_batches, jnp.arange(a)))
+
+  grad_norm = optax.tree.norm(grads)
+  count = optax.tree_utils.tree_get(state['opt_state'], 'count', filtering=_is_schedule_count)
+  updates, opt_state = optimizer.update(grads, state['opt_state'], params)
+  new_params = optax.apply_updates(params, updates)
+  # A non-finite loss or gradient never reaches the parameters: the update is dropped here and the
+  # host decides (config train.nonfinite) whether to halt or go on.
+  finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = {'step': state['step'] + 1, 'params': keep(new_params, params),
+               'opt_state': keep(opt_state, state['opt_state']), 'key': state['key']}
+  metrics = {'loss_sum': loss_sum, 'correct_sum': correct_sum, 'weight_sum': weight_sum,
+             'tokens': jnp.sum(batch['segment_ids'] > 0), 'grad_norm': grad_norm,
+             'learning_rate': schedule(count), 'nonfinite': ~finite}
+  return new_state, metrics
+
+
+def _is_schedule_count(path, value):
+  del value
+  return getattr(path[-1], 'tuple_name', None) == 'ScaleByScheduleState'
+
+
+def eval_step(params, batch, *, graphdef):
+  loss_sum, correct_sum = _mlm_sums(graphdef, params, batch, None)
+  return {'loss_sum': loss_sum, 'correct_sum': correct_sum,
+          'weight_sum': jnp.sum(batch['mlm_weights'])}
+
+
+def jit_train_step(graphdef, optimizer, schedule, config, mesh, state_shardings, batch_keys):
+  step = functools.partial(
+      train_step, graphdef=graphdef, optimizer=optimizer, schedule=schedule,
+      grad_accum_steps=config.train.grad_accum_steps,
+      use_dropout=config.model.dropout > 0 or config.model.attention_dropout > 0, mesh=mesh)
+  batch_shardings = {k: shd.batch_sharding(mesh) for k in batch_keys}
+  return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
+                 out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=0)
+
+
+def jit_eval_step(graphdef, mesh, params_shardings, batch_keys):
+  batch_shardings = {k: shd.batch_sharding(mesh) for k in batch_keys}
+  return jax.jit(functools.partial(eval_step, graphdef=graphdef),
+                 in_shardings=(params_shardings, batch_shardings),
+                 out_shardings=shd.replicated(mesh))
