@@ -126,6 +126,8 @@ def base_config() -> ml_collections.ConfigDict:
   k.keep_best = 1
   # Eval metric that ranks checkpoints and drives early stopping.
   k.best_metric = 'eval/loss'
+  # 'min' if a lower best_metric is better (loss, perplexity), 'max' if higher is (accuracy).
+  k.best_mode = 'min'
   # Save in a background thread (training goes on while the bytes are written).
   k.async_save = True
   return c
@@ -139,6 +141,7 @@ _CHOICES = {
     'model.attention_impl': ('auto', 'xla', 'cudnn'),
     'optimizer.schedule': ('cosine', 'linear', 'constant'),
     'train.nonfinite': ('halt', 'skip'),
+    'checkpoint.best_mode': ('min', 'max'),
 }
 _POSITIVE = ('model.num_layers', 'model.hidden_size', 'model.num_heads', 'model.intermediate_size',
              'model.vocab_size', 'model.max_len', 'model.type_vocab_size', 'train.steps',

@@ -27,5 +27,20 @@ def main(argv):
     sys.exit(2)
 
 
+def parse_flags(argv):
+  """absl flag parsing, with config mistakes (e.g. --config.model.hiden_size) as one clear line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f'error: {e}\nPass --help for usage.')
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    message = str(e).strip('\'"').replace('\\n', ' ').replace('\n', ' ').replace("\\'", "'")
+    sys.exit(f'error: bad --config override: {message}')
+
+
+def run():
+  app.run(main, flags_parser=parse_flags)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  run()

@@ -25,11 +25,25 @@ class Accumulator:
   def reset(self):
     self.sums = {k: 0.0 for k in SUM_KEYS}
     self.grad_norms, self.steps, self.nonfinite = [], 0, 0
+    self.timed_steps, self.timed_tokens = 0, 0.0
     self.start = time.perf_counter()
+    self.excluded = 0.0  # seconds spent compiling, evaluating or checkpointing: not training speed
+
+  def exclude(self, seconds: float):
+    self.excluded += seconds
+
+  def restart_clock(self):
+    """Time from now on (after the first step: its compile is not training speed)."""
+    self.start, self.excluded, self.timed_steps, self.timed_tokens = time.perf_counter(), 0.0, 0, 0.0
+
+  def train_seconds(self) -> float:
+    return time.perf_counter() - self.start - self.excluded
 
   def add(self, m):
     for k in SUM_KEYS:
       self.sums[k] += float(m[k])
+    self.timed_tokens += float(m['tokens'])
+    self.timed_steps += 1
     self.grad_norms.append(float(m['grad_norm']))
     self.nonfinite += int(m['nonfinite'])
     self.steps += 1

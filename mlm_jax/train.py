@@ -87,6 +87,20 @@ class Trainer:
     return metrics_lib.eval_summary(sums)
 
 
+class _QuietLibraries:
+  """absl log filter: INFO lines from orbax/grain/tensorstore internals are noise for a user."""
+  _NOISY = ('/orbax/', '/grain/', '/tensorstore/', '/etils/')
+
+  def filter(self, record):
+    return record.levelno >= 30 or not any(p in record.pathname for p in self._NOISY)
+
+
+def quiet_library_logs():
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+    handler.addFilter(_QuietLibraries())
+
+
 def _write_json(path, obj):
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
@@ -97,12 +111,12 @@ def _write_json(path, obj):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from the newest checkpoint in workdir if any); returns the last metrics."""
   config_lib.validate(config)
+  quiet_library_logs()
   config = ml_collections.ConfigDict(config.to_dict())  # a private, unlocked copy
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-
-  tokenizer = data.build_tokenizer(config)
-  trainer = Trainer(config, workdir)
+  tokenizer = data.build_tokenizer(config)  # checks model.vocab_size against the vocabulary
+  trainer = Trainer(config, workdir)  # checks the mesh against the devices
+  os.makedirs(workdir, exist_ok=True)  # only now: a rejected config writes nothing
   t, m = config.train, config.model
   resolved = config.to_dict()
   resolved['model']['dtype'] = trainer.model_cfg.dtype
@@ -118,6 +132,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   checkpointer = ckpt.Checkpointer(
       os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep,
       keep_best=config.checkpoint.keep_best, best_metric=config.checkpoint.best_metric,
+      best_mode=config.checkpoint.best_mode,
       async_save=config.checkpoint.async_save)
   restored = checkpointer.restore(trainer.abstract_state, data_iterator=train_iter)
   if restored is None:
@@ -128,7 +143,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt.validate_resume(meta['config'], resolved, allow_inexact=t.allow_inexact_resume)
     start_step = int(jax.device_get(state['step']))
     logging.info('resumed from step %d', start_step)
-  early = EarlyStopping(t.early_stopping_patience, meta.get('early_stopping') if restored else None)
+  early = EarlyStopping(t.early_stopping_patience, config.checkpoint.best_mode,
+                        meta.get('early_stopping') if restored else None)
 
   writer = metrics_lib.Writer(workdir, enabled=is_main, resume_step=start_step)
   preemption = ckpt.install_preemption_handler()
@@ -144,10 +160,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def save(step, eval_metrics=None, force=False):
     if checkpointer.save(step, state, data_iterator=train_iter, metadata=metadata(step),
                          metrics=eval_metrics, force=force):
-      time_in_checkpoint[0] += checkpointer.last_blocking_s
       writer.write(step, {'checkpoint/blocking_s': checkpointer.last_blocking_s})
 
-  time_in_checkpoint = [0.0]
   first_batch = next(train_iter) if t.overfit_one_batch else None
   next_batch = lambda: first_batch if t.overfit_one_batch else next(train_iter)
   acc = metrics_lib.Accumulator()
@@ -169,6 +183,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if pending is not None:
         nonfinite_in_a_row = _consume(pending, acc, nonfinite_in_a_row, config)
       pending = (step, step_metrics)
+      if step == start_step + 1:  # the first step compiled: report it, keep it out of the speed
+        nonfinite_in_a_row = _consume(pending, acc, nonfinite_in_a_row, config)
+        pending = None
+        logging.info('compiled and ran the first step in %.1fs', time.perf_counter() - tic)
+        acc.restart_clock()
+        data_wait = 0.0
       is_last = step == t.steps
       do_log = step % t.log_every == 0 or is_last
       do_eval = t.eval_every > 0 and (step % t.eval_every == 0 or is_last)
@@ -178,10 +198,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         nonfinite_in_a_row = _consume(pending, acc, nonfinite_in_a_row, config)
         pending = None
       if do_log:
-        elapsed = time.perf_counter() - acc.start
-        tokens_per_sec = acc.sums['tokens'] / elapsed
+        elapsed = max(acc.train_seconds(), 1e-9)
+        tokens_per_sec = acc.timed_tokens / elapsed
         last = {**acc.summary(), 'train/learning_rate': float(step_metrics['learning_rate']),
-                'train/tokens_per_sec': tokens_per_sec, 'train/step_time': elapsed / acc.steps,
+                'train/tokens_per_sec': tokens_per_sec,
+                'train/step_time': elapsed / max(acc.timed_steps, 1),
                 'train/mfu': tokens_per_sec * flops_per_token / peak,
                 'train/data_wait_fraction': data_wait / elapsed}
         if acc.grad_norms and max(acc.grad_norms) > t.grad_norm_warn:
@@ -193,6 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if bar:
           bar.set_postfix(loss=f"{last['train/loss']:.3f}", lr=f"{last['train/learning_rate']:.2e}")
       eval_metrics = None
+      tic = time.perf_counter()
       if do_eval:
         eval_metrics = trainer.evaluate(state['params'], data.eval_batches(
             config, tokenizer, process_index=jax.process_index(),
@@ -206,6 +228,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        t.early_stopping_patience, early.best, early.best_step)
       if do_save or stop or early.should_stop:
         save(step, eval_metrics, force=is_last or stop or early.should_stop)
+      acc.exclude(time.perf_counter() - tic)
       if bar:
         bar.update(1)
       if stop:
@@ -255,18 +278,19 @@ def _consume(pending, acc, nonfinite_in_a_row, config):
 class EarlyStopping:
   """Stops when the eval metric has not improved for `patience` evaluations (0 disables)."""
 
-  def __init__(self, patience: int, saved: dict | None = None):
+  def __init__(self, patience: int, mode: str = 'min', saved: dict | None = None):
     self.patience = patience
+    self.sign = 1.0 if mode == 'min' else -1.0  # compare sign * value: lower is better
     saved = saved or {}
     best = saved.get('best')
-    self.best = math.inf if best is None else best
+    self.best = self.sign * math.inf if best is None else best
     self.best_step = saved.get('best_step')
     self.bad_evals = saved.get('bad_evals', 0)
 
   def update(self, step, value):
     if value is None:
       return
-    if value < self.best:
+    if self.sign * value < self.sign * self.best:
       self.best, self.best_step, self.bad_evals = float(value), int(step), 0
     else:
       self.bad_evals += 1
