@@ -106,6 +106,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Resume even if a field that breaks bitwise-exact continuation changed (model shape, seed, data,
   # batch size, ...); the run warns that the resume is not exact.
   t.allow_inexact_resume = False
+  # Persistent XLA compilation cache, so a restarted run does not compile again ('' = off).
+  t.compilation_cache_dir = '~/.cache/mlm_jax/xla'
   # Show a console progress bar.
   t.progress_bar = True
 

@@ -108,10 +108,18 @@ def _write_json(path, obj):
   os.replace(tmp, path)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (resuming from the newest checkpoint in workdir if any); returns the last metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       stop_after: int | None = None) -> dict:
+  """Trains (resuming from the newest checkpoint in workdir if any); returns the last metrics.
+
+  `stop_after=N` stops at step N as a preemption would (checkpoint, then return): a notebook can
+  train in slices, and tests interrupt runs at a chosen step.
+  """
   config_lib.validate(config)
   quiet_library_logs()
+  if config.train.compilation_cache_dir:  # a restarted run loads its programs instead of compiling
+    jax.config.update('jax_compilation_cache_dir',
+                      os.path.expanduser(config.train.compilation_cache_dir))
   config = ml_collections.ConfigDict(config.to_dict())  # a private, unlocked copy
   is_main = jax.process_index() == 0
   tokenizer = data.build_tokenizer(config)  # checks model.vocab_size against the vocabulary
@@ -134,13 +142,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       keep_best=config.checkpoint.keep_best, best_metric=config.checkpoint.best_metric,
       best_mode=config.checkpoint.best_mode,
       async_save=config.checkpoint.async_save)
+  latest = checkpointer.latest_step()
+  if latest is not None:  # refuse a changed config before touching any array
+    try:
+      saved_config = checkpointer.metadata(latest)['config']
+    except Exception:  # noqa: BLE001 -- unreadable: restore() below falls back and says why
+      saved_config = None
+    if saved_config is not None:
+      ckpt.validate_resume(saved_config, resolved, allow_inexact=t.allow_inexact_resume)
   restored = checkpointer.restore(trainer.abstract_state, data_iterator=train_iter)
   if restored is None:
     state = trainer.init_state()
     start_step = 0
   else:
     state, meta = restored
-    ckpt.validate_resume(meta['config'], resolved, allow_inexact=t.allow_inexact_resume)
     start_step = int(jax.device_get(state['step']))
     logging.info('resumed from step %d', start_step)
   early = EarlyStopping(t.early_stopping_patience, config.checkpoint.best_mode,
@@ -193,8 +208,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       do_log = step % t.log_every == 0 or is_last
       do_eval = t.eval_every > 0 and (step % t.eval_every == 0 or is_last)
       do_save = (config.checkpoint.every > 0 and step % config.checkpoint.every == 0) or is_last
-      stop = preemption.should_stop(step)
-      if do_log or do_eval or do_save or stop:
+      stop = preemption.should_stop(step) or step == stop_after
+      if (do_log or do_eval or do_save or stop) and pending is not None:
         nonfinite_in_a_row = _consume(pending, acc, nonfinite_in_a_row, config)
         pending = None
       if do_log:
