@@ -299,7 +299,8 @@ def test_preemption_handler():
 def test_exactness_fields_are_listed_in_one_place():
   assert ckpt.breaks_exactness('model.num_layers') and ckpt.breaks_exactness('seed')
   assert ckpt.breaks_exactness('data.mask_rate') and ckpt.breaks_exactness('train.grad_accum_steps')
-  for free in ('train.steps', 'train.log_every', 'checkpoint.every', 'data.cache_dir',
+  assert ckpt.breaks_exactness('train.steps')  # a decaying schedule depends on it
+  for free in ('data.num_workers', 'train.log_every', 'checkpoint.every', 'data.cache_dir',
                'train.eval_every'):
     assert not ckpt.breaks_exactness(free), free
 
