@@ -12,15 +12,24 @@ from mlm_jax.errors import ConfigError, DataError
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file (configs/*.py).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and logs.')
+_STOP_AFTER = flags.DEFINE_integer(
+    'stop_after', None, 'Stop (with a checkpoint) at this step, as a preemption would; running '
+    'again without it continues exactly.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'Multi-process on plain hosts: host:port of process 0 '
+    '(Cloud TPU and SLURM are detected without it).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process: number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-process: this process\'s index.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from mlm_jax import train  # after flag parsing, so --help stays fast
+  from mlm_jax import distributed, train  # after flag parsing, so --help stays fast
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, stop_after=_STOP_AFTER.value)
   except (ConfigError, DataError, train.TrainingHalted) as e:
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
