@@ -1,0 +1,161 @@
+"""The `data` config section: fields, defaults, validation and derived values."""
+import math
+import os
+
+import ml_collections
+
+from mlm_jax.errors import ConfigError
+
+# `{assets}` in a path expands to the package's shipped assets (the quick-start corpus).
+ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'assets')
+
+SOURCES = ('text', 'jsonl', 'tfds')
+TEXT_UNITS = ('line', 'block')
+TOKENIZERS = ('wordpiece', 'char')
+LONG_RECORDS = ('window', 'truncate')
+MASK_MODES = ('exact', 'bernoulli')
+INVALID_UTF8 = ('replace', 'skip')
+DEFAULT_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 .,;:!?'\"-_/()&@#"
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """The `data` section with its defaults: the shipped Shakespeare corpus, WordPiece, packing."""
+  d = ml_collections.ConfigDict()
+  # Where records come from: 'text' (plain text files), 'jsonl' (one JSON object per line)
+  # or 'tfds' (an array_record TFDS dataset, e.g. written by tools/prepare_corpus.py).
+  d.source = 'text'
+  # Training files for 'text'/'jsonl': comma-separated globs; `{assets}` = the shipped assets folder.
+  d.train_files = '{assets}/shakespeare/train.txt'
+  # Eval files (comma-separated globs). Empty = carve the eval split out of train_files by hash.
+  d.eval_files = '{assets}/shakespeare/valid.txt'
+  # What one record is in a text file: 'line' (one per line) or 'block' (blank-line separated).
+  d.text_unit = 'block'
+  # JSONL/TFDS field holding the record's text.
+  d.text_field = 'text'
+  # TFDS dataset name, e.g. 'my_corpus' or 'my_corpus:1.0.0' (source='tfds').
+  d.tfds_name = ''
+  # TFDS data directory ('' = the TFDS default, ~/tensorflow_datasets).
+  d.tfds_data_dir = ''
+  # TFDS split to train on.
+  d.tfds_train_split = 'train'
+  # TFDS split to evaluate on. Empty = carve the eval split out of the train split by hash.
+  d.tfds_eval_split = 'validation'
+  # Tokenizer: 'wordpiece' (BERT WordPiece from vocab_path) or 'char' (one token per character).
+  d.tokenizer = 'wordpiece'
+  # WordPiece vocab.txt, one piece per line ([PAD] [UNK] [CLS] [SEP] [MASK] among them).
+  d.vocab_path = '{assets}/shakespeare/vocab.txt'
+  # Characters the 'char' tokenizer knows; any other character becomes [UNK].
+  d.alphabet = DEFAULT_ALPHABET
+  # Lowercase text before tokenizing (must match how the vocab was built).
+  d.lowercase = True
+  # Fraction of records carved out for eval when there are no eval files/split.
+  d.eval_fraction = 0.05
+  # Fraction of records carved out for a held-out test split (never trained or evaluated on).
+  d.test_fraction = 0.0
+  # JSONL/TFDS field whose value decides the split (records sharing it stay together).
+  # Empty = the record's text, so duplicate records never straddle train and eval.
+  d.split_key = ''
+  # JSONL/TFDS field to stratify the carved splits by (each value gets the same fractions). Empty = off.
+  d.stratify_field = ''
+  # Records longer than max_len - 2 tokens: 'window' (cut into windows at a random offset that
+  # changes every epoch) or 'truncate' (keep the first max_len - 2 tokens).
+  d.long_records = 'window'
+  # Pack several records into one row (segment_ids tell them apart); False pads each record to max_len.
+  d.packing = True
+  # Prediction slots per row (P). 0 = auto: ceil(mask_rate * max_len) plus a margin, rounded up to 8.
+  d.max_predictions = 0
+  # Fraction of maskable tokens chosen for prediction.
+  d.mask_rate = 0.15
+  # 'exact' (round(mask_rate * n) tokens per record, at least 1, exact 80/10/10 counts)
+  # or 'bernoulli' (each token chosen independently).
+  d.mask_mode = 'exact'
+  # Of the chosen tokens, this fraction becomes [MASK] ...
+  d.mask_token_frac = 0.8
+  # ... this fraction a random non-special token, and the rest stay unchanged.
+  d.random_token_frac = 0.1
+  # Choose whole words (a word-start token and its continuation pieces) instead of single tokens.
+  d.whole_word_mask = False
+  # Records per unit of work (a worker reads, tokenizes, packs and masks this many at once).
+  d.chunk_records = 512
+  # Worker processes for the input pipeline (0 = in the training process, in a background thread).
+  d.num_workers = 0
+  # Chunks each worker may prepare ahead of time.
+  d.worker_buffer_size = 2
+  # Chunks prepared ahead of time in the training process (background thread; 0 = none).
+  d.prefetch_chunks = 2
+  # Invalid UTF-8 in a record: 'replace' (with U+FFFD) or 'skip' (drop the record). Counted either way.
+  d.invalid_utf8 = 'replace'
+  # Use only the first N records of each split's source (0 = all); handy for quick runs.
+  d.max_records = 0
+  # Where record-offset indexes of text/JSONL files are cached ('' = ~/.cache/mlm_jax, or the
+  # temp dir if that is not writable). Indexes are keyed by path, size and mtime.
+  d.cache_dir = ''
+  return d
+
+
+def expand_path(path: str) -> str:
+  return os.path.expanduser(path.strip().replace('{assets}', ASSETS_DIR))
+
+
+def max_predictions(config) -> int:
+  """P: the configured number of prediction slots, or the auto value."""
+  d, max_len = config.data, config.model.max_len
+  if d.max_predictions:
+    return int(d.max_predictions)
+  p = math.ceil(d.mask_rate * max_len) + 2 + max_len // 32
+  return min(max_len, -(-p // 8) * 8)
+
+
+def _check(ok, field, message):
+  if not ok:
+    raise ConfigError(field, message)
+
+
+def _choice(d, name, choices):
+  _check(d[name] in choices, f'data.{name}', f'{d[name]!r} is not one of {choices}')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first bad data-related field. Takes the whole config."""
+  d, m = config.data, config.model
+  for name, choices in (('source', SOURCES), ('text_unit', TEXT_UNITS), ('tokenizer', TOKENIZERS),
+                        ('long_records', LONG_RECORDS), ('mask_mode', MASK_MODES),
+                        ('invalid_utf8', INVALID_UTF8)):
+    _choice(d, name, choices)
+  _check(isinstance(config.seed, int) and 0 <= config.seed < 2**32, 'seed',
+         f'must be an int in [0, 2**32), got {config.seed!r}')
+  _check(m.max_len >= 4, 'model.max_len', f'must be >= 4 ([CLS] x [SEP] plus room), got {m.max_len}')
+  _check(0 < d.mask_rate < 1, 'data.mask_rate', f'must be in (0, 1), got {d.mask_rate}')
+  for name in ('mask_token_frac', 'random_token_frac'):
+    _check(0 <= d[name] <= 1, f'data.{name}', f'must be in [0, 1], got {d[name]}')
+  _check(d.mask_token_frac + d.random_token_frac <= 1, 'data.random_token_frac',
+         'mask_token_frac + random_token_frac must be <= 1')
+  for name in ('eval_fraction', 'test_fraction'):
+    _check(0 <= d[name] < 1, f'data.{name}', f'must be in [0, 1), got {d[name]}')
+  _check(d.eval_fraction + d.test_fraction < 1, 'data.test_fraction',
+         'eval_fraction + test_fraction must be < 1 (nothing left to train on)')
+  for name in ('max_predictions', 'num_workers', 'prefetch_chunks', 'max_records'):
+    _check(d[name] >= 0, f'data.{name}', f'must be >= 0, got {d[name]}')
+  for name in ('chunk_records', 'worker_buffer_size'):
+    _check(d[name] >= 1, f'data.{name}', f'must be >= 1, got {d[name]}')
+  _check(d.max_predictions <= m.max_len, 'data.max_predictions',
+         f'{d.max_predictions} is more than model.max_len {m.max_len}')
+  if d.source in ('text', 'jsonl'):
+    _check(d.train_files.strip(), 'data.train_files', f'required for source={d.source!r}')
+  if d.source == 'tfds':
+    _check(d.tfds_name, 'data.tfds_name', "required for source='tfds'")
+  if d.source == 'text':
+    if len(m.extra_embeddings):
+      raise ConfigError('model.extra_embeddings', "plain text has no feature fields; use "
+                        "data.source='jsonl' or 'tfds' for extra embeddings")
+    for name in ('split_key', 'stratify_field'):
+      _check(not d[name], f'data.{name}', "needs records with fields (source='jsonl' or 'tfds')")
+  if d.tokenizer == 'wordpiece':
+    _check(d.vocab_path, 'data.vocab_path', "required for tokenizer='wordpiece'")
+  else:
+    _check(d.alphabet, 'data.alphabet', "required for tokenizer='char'")
+    _check(len(set(d.alphabet)) == len(d.alphabet), 'data.alphabet', 'has repeated characters')
+  t = config.train
+  _check(t.batch_size >= 1, 'train.batch_size', f'must be >= 1, got {t.batch_size}')
+  _check(t.batch_size % t.grad_accum_steps == 0, 'train.grad_accum_steps',
+         f'{t.grad_accum_steps} does not divide train.batch_size {t.batch_size}')

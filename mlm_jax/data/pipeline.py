@@ -1,0 +1,249 @@
+"""The grain pipeline: split -> per-epoch shuffle -> chunks (workers) -> rebatch -> batches.
+
+A grain element is a chunk of `data.chunk_records` records turned into rows (read, tokenized,
+windowed, packed, masked) by `ChunkBuilder`; chunk k is a pure function of k, so worker processes
+(grain `mp_prefetch`) only change speed, never the batches, and the iterator state is just
+"next chunk + row offset" (grain's own `get_state`/`set_state`).
+"""
+import ctypes
+import os
+import sys
+
+import grain
+import numpy as np
+from absl import flags, logging
+
+from mlm_jax.data import config as data_config
+from mlm_jax.data import rng, sources, split, stats
+from mlm_jax.data.chunks import ChunkBuilder, widen
+from mlm_jax.data.tokenizers import check_vocab_size
+from mlm_jax.errors import ConfigError, DataError
+
+BATCH_KEYS = ('input_ids', 'segment_ids', 'positions', 'token_type_ids', 'mlm_positions',
+              'mlm_targets', 'mlm_weights')
+
+
+def split_records(config, which: str):
+  """(source, record indices) of split `which` ('train', 'eval' or 'test')."""
+  d = config.data
+  train = sources.open_source(config, 'train')
+  own = sources.open_source(config, 'eval') if which == 'eval' else None
+  if own is not None:
+    return own, _nonempty(own, np.arange(len(own), dtype=np.int64), which)
+  carve_eval = sources.open_source(config, 'eval') is None
+  eval_fraction = d.eval_fraction if carve_eval else 0.0
+  if which == 'eval' and not eval_fraction:
+    raise DataError('no eval data: set data.eval_files/tfds_eval_split or data.eval_fraction > 0')
+  if not eval_fraction and not d.test_fraction:
+    return train, _nonempty(train, np.arange(len(train), dtype=np.int64), which)
+  hashes, strata = train.split_keys(d.split_key, d.stratify_field)
+  assignment = split.assign(hashes[:len(train)], eval_fraction, d.test_fraction,
+                            None if strata is None else strata[:len(train)])
+  return train, _nonempty(train, split.select(assignment, which), which)
+
+
+def _nonempty(source, ids, which):
+  if not len(ids):
+    raise DataError(f'{source.name}: the {which} split has no records (empty corpus, or a '
+                    f'fraction too small for it)')
+  return ids
+
+
+def _worker_init(index, count):
+  """Keep freed arrays in the worker's heap: every chunk allocates and frees the same large arrays,
+  and glibc's default of returning them to the OS makes page faults ~40% of the work."""
+  del index, count
+  try:
+    libc = ctypes.CDLL('libc.so.6')
+  except OSError:
+    return
+  libc.mallopt(-3, 32 << 20)   # M_MMAP_THRESHOLD (its maximum)
+  libc.mallopt(-1, 1 << 30)    # M_TRIM_THRESHOLD
+  libc.mallopt(-2, 64 << 20)   # M_TOP_PAD
+
+
+class _Epochs:
+  """Record order: a fresh seeded permutation of the shard each epoch (O(records) ints)."""
+
+  def __init__(self, ids, seed):
+    self.ids, self.seed, self._perms = ids, seed, {}
+
+  def __getstate__(self):
+    return {'ids': self.ids, 'seed': self.seed, '_perms': {}}
+
+  def take(self, start, count):
+    """(record ids, epochs) of stream positions [start, start + count)."""
+    n = len(self.ids)
+    pos = np.arange(start, start + count, dtype=np.int64)
+    epoch_N, within = np.divmod(pos, n)
+    out = np.empty(count, np.int64)
+    for e in np.unique(epoch_N).tolist():
+      if e not in self._perms:
+        if len(self._perms) >= 2:
+          self._perms.pop(min(self._perms))
+        self._perms[e] = np.random.default_rng([self.seed, e]).permutation(n)
+      sel = epoch_N == e
+      out[sel] = self.ids[self._perms[e][within[sel]]]
+    return out, epoch_N
+
+
+class _TrainChunks(grain.MapDataset):
+  """Endless: element j is chunk first+j, covering stream positions [k*C, (k+1)*C) of the
+  concatenated epoch orders."""
+
+  def __init__(self, builder, epochs, chunk, first=0):
+    super().__init__()
+    self.builder, self.epochs, self.chunk, self.first = builder, epochs, chunk, first
+
+  def __len__(self):
+    return sys.maxsize - self.first
+
+  def __getitem__(self, j):
+    if isinstance(j, slice):
+      return self.slice(j)
+    record_N, epoch_N = self.epochs.take((self.first + j) * self.chunk, self.chunk)
+    return self.builder(record_N, epoch_N)
+
+
+class BatchIterator(grain.DatasetIterator):
+  """Cuts the stream of chunk rows into batches of b rows.
+
+  The state is {'chunk', 'row'}: the next row to emit. It does not depend on the worker count, so
+  a run may resume with a different data.num_workers. `stats` counts bad input and padding.
+  """
+
+  def __init__(self, make_chunks, batch_size, stats_):
+    super().__init__()
+    self._make_chunks, self._b, self.stats = make_chunks, batch_size, stats_
+    self._chunk, self._row = 0, 0  # position of the next row
+    self._rows, self._inner = None, None
+
+  def _next_rows(self):
+    if self._inner is None:
+      self._inner = iter(self._make_chunks(self._chunk))
+    rows = next(self._inner)
+    self.stats.add_chunk(rows.pop('_stats').sum(axis=0))
+    return rows
+
+  def __next__(self):
+    self._assert_not_closed()
+    parts, need = [], self._b
+    while need:
+      if self._rows is None:
+        self._rows = self._next_rows()
+      n = len(self._rows['input_ids'])
+      take = min(need, n - self._row)
+      if take:
+        parts.append({k: v[self._row:self._row + take] for k, v in self._rows.items()})
+      need -= take
+      self._row += take
+      if self._row == n:
+        self._rows, self._chunk, self._row = None, self._chunk + 1, 0
+    batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if len(parts) > 1 else parts[0]
+    self.stats.add_batch(batch['segment_ids'])
+    return widen(batch)
+
+  def get_state(self):
+    return {'chunk': int(self._chunk), 'row': int(self._row)}
+
+  def set_state(self, state):
+    self._close_inner()
+    self._chunk, self._row = int(state['chunk']), int(state['row'])
+
+  def _close_inner(self):
+    if self._inner is not None:
+      self._inner.close()
+    self._inner, self._rows = None, None
+
+  def close(self):
+    self._close_inner()
+    super().close()
+
+
+def _local_batch(config, process_count):
+  b, rem = divmod(config.train.batch_size, process_count)
+  if rem or not b:
+    raise ConfigError('train.batch_size', f'{config.train.batch_size} is not divisible by the '
+                      f'{process_count} processes')
+  return b
+
+
+def _builder(config, tokenizer, source, stream):
+  data_config.validate(config)
+  check_vocab_size(config, tokenizer)
+  sources.check_tokenizer(source, tokenizer)
+  return ChunkBuilder(config, tokenizer, source, config.seed, stream,
+                      data_config.max_predictions(config))
+
+
+def train_iterator(config, tokenizer, *, process_index=0, process_count=1):
+  """Endless, checkpointable grain iterator over this process's train batches (see API.md).
+
+  The iterator's `stats` attribute (a `Stats`) counts bad input and padding.
+  """
+  d = config.data
+  source, ids = split_records(config, 'train')
+  ids = ids[process_index::process_count]
+  _nonempty(source, ids, f'train (process {process_index})')
+  builder = _builder(config, tokenizer, source, rng.TRAIN)
+  b = _local_batch(config, process_count)
+  st = stats.Stats('train')
+  st.counts['empty_lines'] = getattr(getattr(source, 'fileset', None), 'empty_lines', 0)
+  logging.info('data/train: %d records (process %d of %d), %s', len(ids), process_index,
+               process_count, source.name)
+  epochs = _Epochs(ids, config.seed)
+
+  def make_chunks(first):
+    ds = _TrainChunks(builder, epochs, d.chunk_records, first)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1 if d.prefetch_chunks else 0,
+                                              prefetch_buffer_size=d.prefetch_chunks))
+    if d.num_workers:
+      if not flags.FLAGS.is_parsed():  # outside an absl app (tests, notebooks) grain needs defaults
+        flags.FLAGS.mark_as_parsed()
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=d.num_workers, per_worker_buffer_size=d.worker_buffer_size),
+          worker_init_fn=None if os.environ.get("NOINIT") else _worker_init)
+    return ds
+
+  return BatchIterator(make_chunks, b, st)
+
+
+def eval_batches(config, tokenizer, *, process_index=0, process_count=1, max_batches=None,
+                 split_name='eval', stats_=None):
+  """Yields this process's eval batches: fixed masks, corpus order, static shapes.
+
+  Every process walks the whole split and takes its slice of each global batch, so all processes
+  yield the same number of batches. The last batch is filled with padding rows (zero weights).
+  """
+  source, ids = split_records(config, split_name)
+  builder = _builder(config, tokenizer, source, rng.EVAL)
+  b = _local_batch(config, process_count)
+  B, chunk = b * process_count, config.data.chunk_records
+  st = stats_ if stats_ is not None else stats.Stats(split_name)
+  pending, count, lo = [], 0, 0
+  emitted = 0
+  while max_batches is None or emitted < max_batches:
+    while count < B and lo < len(ids):
+      rows = builder(ids[lo:lo + chunk], np.zeros(min(chunk, len(ids) - lo), np.int64))
+      lo += chunk
+      st.add_chunk(rows.pop('_stats').sum(axis=0))
+      pending.append(rows)
+      count += len(rows['input_ids'])
+    if not count:
+      return
+    batch = {k: np.concatenate([r[k] for r in pending]) for k in pending[0]}
+    rest = {k: v[B:] for k, v in batch.items()}
+    batch = {k: v[:B] for k, v in batch.items()}
+    pending, count = ([rest], len(rest['input_ids'])) if len(rest['input_ids']) else ([], 0)
+    n = len(batch['input_ids'])
+    if n < B:  # static shapes: pad with rows that carry no tokens and no predictions
+      batch = {k: np.concatenate([v, _padding_rows(v, B - n, k, tokenizer)]) for k, v in batch.items()}
+    local = {k: v[process_index * b:(process_index + 1) * b] for k, v in batch.items()}
+    st.add_batch(local['segment_ids'])
+    emitted += 1
+    yield widen(local)
+
+
+def _padding_rows(v, n, key, tokenizer):
+  fill = tokenizer.pad_id if key == 'input_ids' else 0
+  return np.full((n,) + v.shape[1:], fill, v.dtype)
