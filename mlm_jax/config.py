@@ -106,6 +106,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Resume even if a field that breaks bitwise-exact continuation changed (model shape, seed, data,
   # batch size, ...); the run warns that the resume is not exact.
   t.allow_inexact_resume = False
+  # Write a jax.profiler trace of profile_num_steps steps from this step on into DIR/profile
+  # (view with TensorBoard's profile plugin or Perfetto); 0 = off.
+  t.profile_start_step = 0
+  # Steps in the profiler trace.
+  t.profile_num_steps = 5
   # Persistent XLA compilation cache, so a restarted run does not compile again ('' = off).
   t.compilation_cache_dir = '~/.cache/mlm_jax/xla'
   # Show a console progress bar.
@@ -148,7 +153,7 @@ _CHOICES = {
 _POSITIVE = ('model.num_layers', 'model.hidden_size', 'model.num_heads', 'model.intermediate_size',
              'model.vocab_size', 'model.max_len', 'model.type_vocab_size', 'train.steps',
              'train.batch_size', 'train.grad_accum_steps', 'train.log_every')
-_NON_NEGATIVE = ('optimizer.warmup_steps', 'optimizer.weight_decay', 'optimizer.clip_norm',
+_NON_NEGATIVE = ('train.profile_start_step', 'train.profile_num_steps', 'optimizer.warmup_steps', 'optimizer.weight_decay', 'optimizer.clip_norm',
                  'optimizer.end_lr_ratio', 'train.eval_every', 'train.peak_flops',
                  'checkpoint.every', 'checkpoint.keep_best', 'train.max_nonfinite_in_a_row')
 

@@ -186,6 +186,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   pending = None  # (step, metrics on device): fetched one step late so the device never waits
   step = start_step
   data_wait = 0.0
+  profiler = _Profiler(t.profile_start_step, t.profile_num_steps, os.path.join(workdir, 'profile'))
   try:
     while step < t.steps:
       tic = time.perf_counter()
@@ -193,6 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       data_wait += time.perf_counter() - tic
       if trainer.batch_keys is None:
         trainer.compile_steps(batch.keys())
+      profiler.before(step)
       state, step_metrics = trainer.train_step(state, batch)
       step += 1
       if pending is not None:
@@ -243,6 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        t.early_stopping_patience, early.best, early.best_step)
       if do_save or stop or early.should_stop:
         save(step, eval_metrics, force=is_last or stop or early.should_stop)
+      profiler.after(step, step_metrics)
       acc.exclude(time.perf_counter() - tic)
       if bar:
         bar.update(1)
@@ -317,6 +320,27 @@ class EarlyStopping:
   def state(self):
     return {'best': self.best if math.isfinite(self.best) else None, 'best_step': self.best_step,
             'bad_evals': self.bad_evals}
+
+
+class _Profiler:
+  """A jax.profiler trace of steps [start, start + num) (0-based step numbers)."""
+
+  def __init__(self, start: int, num: int, directory: str):
+    self.start, self.end, self.directory = start, start + num, directory
+    self.active = False
+
+  def before(self, step):
+    if self.start and step == self.start and not self.active:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after(self, step, metrics):
+    if self.active and step >= self.end:
+      jax.block_until_ready(metrics)
+      jax.profiler.stop_trace()
+      self.active = False
+      logging.info('profiler trace of steps %d-%d written to %s', self.start, self.end - 1,
+                   self.directory)
 
 
 def _progress_bar(enabled, start, total):

@@ -93,3 +93,13 @@ def test_readme_documents_every_config_field():
   section = readme[readme.index(start) + len(start):readme.index(end)]
   assert section.strip() == config_reference.reference().strip(), (
       'README config reference is stale: run python tools/config_reference.py')
+
+
+def test_profile_steps_write_a_trace(tmp_path):
+  from tests.test_resume import tiny
+  c = tiny()
+  c.train.update(steps=4, profile_start_step=2, profile_num_steps=1, eval_every=0)
+  train.train_and_evaluate(c, str(tmp_path))
+  traces = [f for _, _, files in os.walk(tmp_path / 'profile') for f in files
+            if f.endswith('.xplane.pb')]
+  assert traces
