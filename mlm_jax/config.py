@@ -113,6 +113,8 @@ def base_config() -> ml_collections.ConfigDict:
   t.profile_num_steps = 5
   # Persistent XLA compilation cache, so a restarted run does not compile again ('' = off).
   t.compilation_cache_dir = '~/.cache/mlm_jax/xla'
+  # Weights & Biases project to log metrics to as well ('' = off; needs `pip install wandb`).
+  t.wandb_project = ''
   # Show a console progress bar.
   t.progress_bar = True
 

@@ -98,12 +98,16 @@ def measure_matmul_flops(device, n=1024, repeats=5) -> float:
 class Writer:
   """metrics.jsonl + TensorBoard + console, on process 0 only."""
 
-  def __init__(self, workdir: str, enabled: bool, resume_step: int = 0):
+  def __init__(self, workdir: str, enabled: bool, resume_step: int = 0, wandb_project: str = '',
+               config: dict | None = None):
     self.enabled = enabled
     self.jsonl = None
     self.tb = None
+    self.wandb = None
     if not enabled:
       return
+    from mlm_jax import wandb_writer
+    self.wandb = wandb_writer.make_writer(wandb_project, workdir, config)
     path = os.path.join(workdir, 'metrics.jsonl')
     _truncate_after(path, resume_step)  # a resumed run rewrites the steps after its checkpoint
     self.jsonl = open(path, 'a')
@@ -118,12 +122,16 @@ class Writer:
     self.jsonl.flush()
     for k, v in values.items():
       self.tb.add_scalar(k, float(v), int(step))
+    if self.wandb:
+      self.wandb.write(step, values)
     logging.info('step %d: %s', step, ', '.join(f'{k}={_fmt(v)}' for k, v in values.items()))
 
   def close(self):
     if self.jsonl:
       self.jsonl.close()
       self.tb.close()
+    if self.wandb:
+      self.wandb.close()
 
 
 def _fmt(v):

@@ -161,7 +161,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   early = EarlyStopping(t.early_stopping_patience, config.checkpoint.best_mode,
                         meta.get('early_stopping') if restored else None)
 
-  writer = metrics_lib.Writer(workdir, enabled=is_main, resume_step=start_step)
+  writer = metrics_lib.Writer(workdir, enabled=is_main, resume_step=start_step,
+                              wandb_project=t.wandb_project, config=resolved)
   preemption = ckpt.install_preemption_handler()
   peak = metrics_lib.peak_flops_per_device(t.peak_flops) * jax.device_count()
   mask_fraction = min(1.0, config.data.mask_rate)

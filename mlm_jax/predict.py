@@ -1,0 +1,215 @@
+"""Fill in the blanks with a trained checkpoint: top-k predictions for every [MASK] in the text.
+
+  python -m mlm_jax.predict --workdir=DIR "the king [MASK] to the tower ."
+  python -m mlm_jax.predict --workdir=DIR --top_k=3 "exam[MASK]le.com" --feature=tld=17
+
+Runs on the CPU in float32. `[MASK]` in the text marks a prediction slot, for the char tokenizer
+too. Several texts are one batch (one row each). `--step` defaults to the best checkpoint (by the
+run's checkpoint.best_metric) if one was ranked, else the newest.
+"""
+import dataclasses
+import json
+import os
+import re
+import sys
+
+if __name__ == '__main__':  # a program, not an import: never grab an accelerator
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # before jax is imported
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from mlm_jax import checkpoint as ckpt  # noqa: E402
+from mlm_jax import data  # noqa: E402
+from mlm_jax import model as model_lib  # noqa: E402
+from mlm_jax.errors import DataError  # noqa: E402
+
+MASK = '[MASK]'
+
+
+def choose_step(workdir: str, step: int | None = None) -> int:
+  """`step`, else the best ranked checkpoint, else the newest one."""
+  if step is not None:
+    return step
+  best_metric, best_mode = 'eval/loss', 'min'
+  config_path = os.path.join(workdir, 'config.json')
+  if os.path.exists(config_path):
+    with open(config_path) as f:
+      k = json.load(f).get('checkpoint', {})
+    best_metric, best_mode = k.get('best_metric', best_metric), k.get('best_mode', best_mode)
+  checkpointer = ckpt.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True,
+                                   best_metric=best_metric, best_mode=best_mode)
+  try:
+    step = checkpointer.best_step()
+    step = checkpointer.latest_step() if step is None else step
+  finally:
+    checkpointer.close()
+  if step is None:
+    raise ckpt.CheckpointError(f'No checkpoint in {workdir}/checkpoints')
+  return step
+
+
+def _unwrap(tree):
+  """The restored params tree without nnx's per-variable {'value': array} level, as numpy."""
+  if isinstance(tree, dict):
+    if set(tree) == {'value'} and not isinstance(tree['value'], dict):
+      return np.asarray(tree['value'])
+    return {k: _unwrap(v) for k, v in tree.items()}
+  return np.asarray(tree)
+
+
+def read_params(workdir: str, step: int | None = None) -> tuple[int, dict, dict]:
+  """(step, params as a nested dict of numpy arrays, the run's resolved config dict)."""
+  step = choose_step(workdir, step)
+  step, state, meta = ckpt.read_checkpoint(os.path.join(workdir, 'checkpoints'), step)
+  return step, _unwrap(state['params']), meta['config']
+
+
+def bert_config(config: dict, dtype: str = 'float32') -> model_lib.BertConfig:
+  """The BertConfig of a resolved config dict, for inference on the CPU."""
+  model_config = ml_collections.ConfigDict(config['model'])
+  cfg = model_lib.BertConfig.from_config(model_config, dtype)
+  # scan: one compiled layer body, so a deep model compiles in a second or two (same numbers).
+  return dataclasses.replace(cfg, attention_impl='xla', remat_policy='none', scan_layers=True)
+
+
+def make_model(cfg: model_lib.BertConfig, params: dict) -> model_lib.Bert:
+  """A Bert holding `params` (a nested dict of arrays, as `read_params` returns)."""
+  abstract = nnx.eval_shape(lambda: model_lib.Bert(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+  return nnx.merge(graphdef, state)
+
+
+class Predictor:
+  """A checkpoint and its tokenizer, ready to fill in masks."""
+
+  def __init__(self, workdir: str, step: int | None = None):
+    self.step, params, self.config = read_params(workdir, step)
+    self.cfg = bert_config(self.config)
+    self.tokenizer = data.load_tokenizer(os.path.join(workdir, 'tokenizer'))
+    graphdef, state = nnx.split(make_model(self.cfg, params))
+    self._logits = jax.jit(lambda state, batch: nnx.merge(graphdef, state)(batch))
+    self._state = state
+
+  def encode(self, text: str) -> np.ndarray:
+    """Token ids of `text` with [CLS]/[SEP]; each literal [MASK] becomes the mask id."""
+    tok = self.tokenizer
+    parts = text.split(MASK)
+    ids = [tok.cls_id]
+    for i, part in enumerate(parts):
+      if part:
+        ids.extend(int(x) for x in tok.encode_batch([part])[0])
+      if i < len(parts) - 1:
+        ids.append(tok.mask_id)
+    ids.append(tok.sep_id)
+    return np.asarray(ids, np.int32)
+
+  def batch(self, texts: list[str], features: dict[str, int] | None = None) -> dict:
+    """One row per text, padded to the longest; the mask slots as mlm_positions."""
+    features = dict(features or {})
+    extra = dict(self.cfg.extra_embeddings)
+    if unknown := set(features) - set(extra):
+      raise ValueError(f'unknown --feature {sorted(unknown)}; this model has {sorted(extra) or "none"}')
+    ids = [self.encode(t) for t in texts]
+    max_len = self.cfg.max_len
+    if too_long := [len(x) for x in ids if len(x) > max_len]:
+      raise ValueError(f'text is {max(too_long)} tokens with [CLS]/[SEP]; the model takes at most {max_len}')
+    slots = [np.flatnonzero(x == self.tokenizer.mask_id) for x in ids]
+    if any(len(s) == 0 for s in slots):
+      raise ValueError(f'each text needs at least one {MASK}')
+    b, l, p = len(ids), max(map(len, ids)), max(map(len, slots))
+    input_ids_BL = np.full((b, l), self.tokenizer.pad_id, np.int32)
+    segment_ids_BL = np.zeros((b, l), np.int32)
+    positions_BL = np.zeros((b, l), np.int32)
+    mlm_positions_BP = np.zeros((b, p), np.int32)
+    for r, (x, s) in enumerate(zip(ids, slots)):
+      input_ids_BL[r, :len(x)] = x
+      segment_ids_BL[r, :len(x)] = 1
+      positions_BL[r, :len(x)] = np.arange(len(x))
+      mlm_positions_BP[r, :len(s)] = s
+    batch = {'input_ids': input_ids_BL, 'segment_ids': segment_ids_BL, 'positions': positions_BL,
+             'token_type_ids': np.zeros((b, l), np.int32), 'mlm_positions': mlm_positions_BP}
+    for name, size in extra.items():
+      value = features.get(name, 0)
+      if not 0 <= value < size:
+        raise ValueError(f'--feature {name}={value} is outside [0, {size})')
+      batch[name] = np.where(segment_ids_BL > 0, value, 0).astype(np.int32)
+    return batch, slots
+
+  def logits(self, batch: dict) -> np.ndarray:
+    """fp32 logits [B, P, V] at batch['mlm_positions']."""
+    return np.asarray(self._logits(self._state, batch))
+
+  def predict(self, texts: list[str], top_k: int = 5, features: dict[str, int] | None = None):
+    """Per text, per [MASK]: a list of (token, probability), most likely first."""
+    batch, slots = self.batch(texts, features)
+    logits_BPV = self.logits(batch)
+    probs_BPV = np.asarray(jax.nn.softmax(logits_BPV, axis=-1))
+    out = []
+    for r, s in enumerate(slots):
+      per_mask = []
+      for j in range(len(s)):
+        top_K = np.argsort(-probs_BPV[r, j], kind='stable')[:top_k]
+        per_mask.append([(self.token(i), float(probs_BPV[r, j, i])) for i in top_K])
+      out.append(per_mask)
+    return out
+
+  def token(self, token_id) -> str:
+    tok = self.tokenizer
+    if tok.kind == 'wordpiece':
+      return tok.pieces[int(token_id)]
+    return tok.decode([token_id])
+
+
+def parse_features(items: list[str]) -> dict[str, int]:
+  out = {}
+  for item in items:
+    m = re.fullmatch(r'([\w.-]+)=(-?\d+)', item)
+    if not m:
+      raise ValueError(f'--feature {item!r}: expected name=id, e.g. tld=17')
+    out[m.group(1)] = int(m.group(2))
+  return out
+
+
+def format_predictions(texts, results) -> str:
+  lines = []
+  for text, per_mask in zip(texts, results):
+    lines.append(text)
+    for j, preds in enumerate(per_mask):
+      lines.append(f'  {MASK} #{j + 1}: ' + '  '.join(f'{t!r} {p:.3f}' for t, p in preds))
+  return '\n'.join(lines)
+
+
+def define_flags():
+  """Only when run as a program: importing this module must not claim global flag names."""
+  flags.DEFINE_string('workdir', None, 'Run directory (checkpoints/, tokenizer/).')
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default: best, else newest).')
+  flags.DEFINE_integer('top_k', 5, 'Predictions shown per [MASK].')
+  flags.DEFINE_multi_string('feature', [], 'Extra embedding input, name=id (default 0).')
+  flags.mark_flags_as_required(['workdir'])
+
+
+def main(argv):
+  texts, f = argv[1:], flags.FLAGS
+  if not texts:
+    raise app.UsageError(f'give at least one text with {MASK}, e.g. "the [MASK] is here ."')
+  if not f['verbosity'].present:  # orbax logs every read at INFO and a read-only notice at WARNING
+    logging.set_verbosity(logging.ERROR)
+  try:
+    predictor = Predictor(f.workdir, f.step)
+    results = predictor.predict(texts, f.top_k, parse_features(f.feature))
+  except (ValueError, ckpt.CheckpointError, DataError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  print(f'step {predictor.step}')
+  print(format_predictions(texts, results))
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

@@ -1,0 +1,81 @@
+"""Plots a run's metrics.jsonl against step.
+
+  python tools/plot_metrics.py RUN_DIR [--out metrics.png]
+
+Panels: loss, accuracy, perplexity (train line, eval dots), learning rate, gradient norm, tokens/s.
+The default output is RUN_DIR/metrics.png. Needs matplotlib (pip install 'mlm_jax[plot]').
+"""
+import argparse
+import json
+import os
+import sys
+
+PANELS = (('loss', ('train/loss', 'eval/loss'), False),
+          ('accuracy', ('train/accuracy', 'eval/accuracy'), False),
+          ('perplexity', ('train/perplexity', 'eval/perplexity'), True),
+          ('learning rate', ('train/learning_rate',), False),
+          ('gradient norm', ('train/grad_norm',), True),
+          ('tokens / s', ('train/tokens_per_sec',), False))
+
+
+def read_metrics(workdir: str) -> dict[str, tuple[list[int], list[float]]]:
+  """metric name -> (steps, values); a line cut short by a kill is skipped."""
+  series = {}
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      for k, v in row.items():
+        if k != 'step' and isinstance(v, (int, float)):
+          steps, values = series.setdefault(k, ([], []))
+          steps.append(row['step'])
+          values.append(v)
+  return series
+
+
+def plot(workdir: str, out: str | None = None) -> str:
+  """Writes the PNG; returns its path."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  series = read_metrics(workdir)
+  if not series:
+    raise ValueError(f'{workdir}/metrics.jsonl has no metrics yet')
+  out = out or os.path.join(workdir, 'metrics.png')
+  fig, axes = plt.subplots(2, 3, figsize=(13, 6.5), constrained_layout=True)
+  for ax, (title, keys, log) in zip(axes.flat, PANELS):
+    for key in keys:
+      if key in series:
+        steps, values = series[key]
+        ax.plot(steps, values, 'o-' if key.startswith('eval/') else '-', ms=3, label=key.split('/')[0])
+    if log and ax.lines:
+      ax.set_yscale('log')
+    ax.set_title(title)
+    ax.set_xlabel('step')
+    ax.grid(alpha=0.3)
+    if len(ax.lines) > 1:
+      ax.legend()
+  fig.suptitle(os.path.basename(os.path.abspath(workdir)))
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+  return out
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('workdir', help='run directory holding metrics.jsonl')
+  parser.add_argument('--out', default=None, help='PNG to write (default: RUN_DIR/metrics.png)')
+  args = parser.parse_args(argv)
+  try:
+    print(plot(args.workdir, args.out))
+  except (OSError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
