@@ -1,6 +1,7 @@
 """Prints the config reference (every field, default, comment) as Markdown, from the schema's source.
 
-  python tools/config_reference.py > /tmp/ref.md   # the README's "Config reference" section
+  python tools/config_reference.py                    # print it
+  python tools/config_reference.py --update README.md  # rewrite the README's "Config reference"
 """
 import ast
 import inspect
@@ -49,5 +50,19 @@ def reference() -> str:
   return '\n'.join(out)
 
 
+START, END = '<!-- config-reference:start -->\n', '<!-- config-reference:end -->'
+
+
+def update_readme(path: str) -> None:
+  with open(path) as f:
+    text = f.read()
+  text = text[:text.index(START) + len(START)] + reference() + '\n' + text[text.index(END):]
+  with open(path, 'w') as f:
+    f.write(text)
+
+
 if __name__ == '__main__':
-  sys.stdout.write(reference() + '\n')
+  if sys.argv[1:2] == ['--update']:  # python tools/config_reference.py --update README.md
+    update_readme(sys.argv[2])
+  else:
+    sys.stdout.write(reference() + '\n')
