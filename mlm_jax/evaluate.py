@@ -14,13 +14,6 @@ from absl import app, flags, logging
 
 from mlm_jax.errors import ConfigError, DataError
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A training run directory.')
-_FILES = flags.DEFINE_string('files', None, 'Comma-separated globs of files to evaluate on; '
-                             'default: the run\'s own eval split.')
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: best if any, else latest).')
-_MAX_BATCHES = flags.DEFINE_integer('max_batches', None, 'Evaluate at most this many batches.')
-
-
 def load_run(workdir: str, step: int | None = None):
   """(config, tokenizer, trainer, params, step) of a run directory, params restored and verified."""
   from mlm_jax import checkpoint as ckpt
@@ -72,10 +65,20 @@ def evaluate(workdir: str, files: str | None = None, step: int | None = None,
           'records': stats['records']}
 
 
+def _define_flags():
+  # Defined only when run as a program, so that tools can import this module and define their own.
+  flags.DEFINE_string('workdir', None, 'A training run directory.', required=True)
+  flags.DEFINE_string('files', None, 'Comma-separated globs of files to evaluate on; default: the '
+                      'run\'s own eval split.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default: best if any, else latest).')
+  flags.DEFINE_integer('max_batches', None, 'Evaluate at most this many batches.')
+
+
 def main(argv):
   del argv
+  f = flags.FLAGS
   try:
-    r = evaluate(_WORKDIR.value, _FILES.value, _STEP.value, _MAX_BATCHES.value)
+    r = evaluate(f.workdir, f.files, f.step, f.max_batches)
   except (ConfigError, DataError) as e:
     sys.exit(f'error: {e}')
   print(f"step {r['step']}: {r['masked_tokens']:.0f} masked tokens in {r['records']} records")
@@ -84,5 +87,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.mark_flag_as_required('workdir')
+  _define_flags()
   app.run(main)
