@@ -228,3 +228,18 @@ def test_tokenizer_round_trip_through_a_workdir(shakespeare, tmp_path):
   text = 'Before we proceed any further, hear me speak.'
   np.testing.assert_array_equal(tok.encode_batch([text])[0], tok2.encode_batch([text])[0])
   assert os.path.exists(tmp_path / 'tok' / 'vocab.txt')
+
+
+def test_orbax_checkpoint_of_the_iterator(shakespeare, tmp_path):
+  grain = pytest.importorskip('grain')
+  ocp = pytest.importorskip('orbax.checkpoint')
+  c, tok = shakespeare
+  it = data.train_iterator(c, tok)
+  take(it, 2)
+  mngr = ocp.CheckpointManager(str(tmp_path / 'ckpt'), item_names=('ds',))
+  mngr.save(2, args=ocp.args.Composite(ds=grain.checkpoint.CheckpointSave(it)))
+  mngr.wait_until_finished()
+  want = take(it, 3)
+  it2 = data.train_iterator(c, tok)
+  mngr.restore(2, args=ocp.args.Composite(ds=grain.checkpoint.CheckpointRestore(it2)))
+  assert_same(want, take(it2, 3))

@@ -204,3 +204,11 @@ def test_pipeline_split_records_reads_eval_files(tmp_path):
   c = make_config(tmp_path, tr, eval_files=str(ev))
   src, ids = pipeline.split_records(c, 'eval')
   assert [src.read_raw([i])[0] for i in ids] == [b'x', b'y']
+
+
+def test_jsonl_invalid_utf8_is_replaced_and_counted(tmp_path):
+  p = tmp_path / 'r.jsonl'
+  p.write_bytes(b'{"text": "ab\xffc"}\n' + b'{"text": "abc"}\n' * 7)
+  c = make_config(tmp_path, p, source='jsonl')
+  st = counts_after(c, n=1)
+  assert st['invalid_utf8_records'] >= 1 and st['unk_tokens'] >= st['invalid_utf8_records']

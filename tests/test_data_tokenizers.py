@@ -64,3 +64,19 @@ def test_save_and_load(tmp_path, make):
   text = ['xy-z zz', 'hello there']
   for x, y in zip(tok.encode_batch(text), back.encode_batch(text)):
     np.testing.assert_array_equal(x, y)
+
+
+def test_train_tokenizer_tool_writes_a_usable_vocab(tmp_path):
+  import os
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / 'vocab.txt'
+  subprocess.run([sys.executable, os.path.join(repo, 'tools', 'train_tokenizer.py'),
+                  '--files={assets}/shakespeare/valid.txt', '--vocab_size=400', f'--out={out}'],
+                 check=True, capture_output=True, cwd=repo)
+  pieces = out.read_text().split('\n')[:-1]
+  assert pieces[:5] == list(tokenizers.SPECIAL_TOKENS) and len(pieces) <= 400
+  tok = tokenizers.WordPieceTokenizer(str(out))
+  ids = tok.encode_batch(['Speak, speak.'])[0]
+  assert len(ids) >= 3 and not np.isin(ids, tok.special_ids).any()

@@ -72,7 +72,8 @@ def _feature_spec(source, text_field, features, tokenizer):
           else tfds.features.Text()}
   for name in features:
     v = first.features[name][0]
-    spec[name] = np.int64 if isinstance(v, int) else tfds.features.Tensor(shape=(None,), dtype=np.int32)
+    spec[name] = (np.int64 if isinstance(v, int)
+                  else tfds.features.Tensor(shape=(None,), dtype=np.int32))
   return tfds.features.FeaturesDict(spec)
 
 
@@ -96,6 +97,7 @@ def build(argv_flags) -> str:
     assignment = split.assign(hashes, f.eval_fraction, 0.0)
     splits = {'train': (train, split.select(assignment, 'train')),
               'validation': (train, split.select(assignment, 'eval'))}
+  splits = {k: v for k, v in splits.items() if len(v[1])}  # TFDS refuses empty splits
   metadata = {'text_field': f.text_field, 'features': list(f.features),
               'tokenizer': None if tokenizer is None else {
                   'kind': tokenizer.kind, 'vocab_size': tokenizer.vocab_size,

@@ -11,6 +11,7 @@ import collections
 import numpy as np
 
 from mlm_jax.data import masking, rng, sequences, sources, stats
+from mlm_jax.errors import DataError
 
 
 class ChunkBuilder:
@@ -79,8 +80,8 @@ class ChunkBuilder:
       tok_N = np.concatenate(recs.token_ids) if len(len_R) else np.zeros(0, np.int32)
       bad = (tok_N < 0) | (tok_N >= self.tokenizer.vocab_size)
       if bad.any():
-        raise sources.DataError(f'{self.source.name}: pre-tokenized ids outside [0, '
-                                f'{self.tokenizer.vocab_size}) (tokenizer/vocab mismatch?)')
+        raise DataError(f'{self.source.name}: pre-tokenized ids outside [0, '
+                        f'{self.tokenizer.vocab_size}) (tokenizer/vocab mismatch?)')
     good_R = np.ones(len(len_R), bool)
     for name, size in self.features.items():
       for r, v in enumerate(recs.features[name]):
@@ -108,7 +109,8 @@ class ChunkBuilder:
     # Segment number of each piece within its row (pieces sit in a row in column order).
     order = np.lexsort((col_P, row_P))
     seg_P = np.empty(len(row_P), np.int64)
-    seg_P[order] = np.arange(len(order)) - np.searchsorted(row_P[order], row_P[order]) + 1
+    seg_P[order] = np.arange(len(order)) - np.searchsorted(row_P[order], np.arange(num_rows))[
+        row_P[order]] + 1
     cls_P = row_P * L + col_P  # flat slot of each piece's [CLS]; [SEP] sits at cls_P + len_P + 1
     sep_P = cls_P + len_P + 1
     dest_C = cls_P[piece_C] + j_C
@@ -133,7 +135,7 @@ class ChunkBuilder:
     key = np.sort((r_M << 32) | np.arange(len(idx_M)))  # sorts values: cheaper than argsort
     by_row = key & 0xFFFFFFFF
     idx_M, r_M = idx_M[by_row], key >> 32
-    slot_M = np.arange(len(idx_M)) - np.searchsorted(r_M, r_M)
+    slot_M = np.arange(len(idx_M)) - np.searchsorted(r_M, np.arange(num_rows))[r_M]
     d_M = dest_C[idx_M]
     over = slot_M >= P
     if over.any():

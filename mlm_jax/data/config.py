@@ -55,7 +55,8 @@ def defaults() -> ml_collections.ConfigDict:
   # JSONL/TFDS field whose value decides the split (records sharing it stay together).
   # Empty = the record's text, so duplicate records never straddle train and eval.
   d.split_key = ''
-  # JSONL/TFDS field to stratify the carved splits by (each value gets the same fractions). Empty = off.
+  # JSONL/TFDS field to stratify the carved splits by (each value gets the same fractions).
+  # Empty = off.
   d.stratify_field = ''
   # Records longer than max_len - 2 tokens: 'window' (cut into windows at a random offset that
   # changes every epoch) or 'truncate' (keep the first max_len - 2 tokens).
@@ -75,7 +76,8 @@ def defaults() -> ml_collections.ConfigDict:
   d.random_token_frac = 0.1
   # Choose whole words (a word-start token and its continuation pieces) instead of single tokens.
   d.whole_word_mask = False
-  # Records per unit of work (a worker reads, tokenizes, packs and masks this many at once).
+  # Records per unit of work (a worker reads, tokenizes, packs and masks this many at once);
+  # packing happens within a chunk. Raise it for short records (e.g. 16384 for domain names).
   d.chunk_records = 512
   # Worker processes for the input pipeline (0 = in the training process, in a background thread).
   d.num_workers = 0

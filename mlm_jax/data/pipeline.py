@@ -2,11 +2,10 @@
 
 A grain element is a chunk of `data.chunk_records` records turned into rows (read, tokenized,
 windowed, packed, masked) by `ChunkBuilder`; chunk k is a pure function of k, so worker processes
-(grain `mp_prefetch`) only change speed, never the batches, and the iterator state is just
-"next chunk + row offset" (grain's own `get_state`/`set_state`).
+(grain `mp_prefetch`) only change speed, never the batches. `BatchIterator` (a grain
+DatasetIterator) cuts the rows into batches; its state is just {next chunk, row in it}.
 """
 import ctypes
-import os
 import sys
 
 import grain
@@ -24,16 +23,15 @@ BATCH_KEYS = ('input_ids', 'segment_ids', 'positions', 'token_type_ids', 'mlm_po
 
 
 def split_records(config, which: str):
-  """(source, record indices) of split `which` ('train', 'eval' or 'test')."""
+  """(source, record indices) of split `which` ('train', 'eval' or 'test'), int32 if they fit."""
   d = config.data
-  train = sources.open_source(config, 'train')
-  own = sources.open_source(config, 'eval') if which == 'eval' else None
-  if own is not None:
-    return own, _nonempty(own, np.arange(len(own), dtype=np.int64), which)
-  carve_eval = sources.open_source(config, 'eval') is None
-  eval_fraction = d.eval_fraction if carve_eval else 0.0
+  own_eval = sources.open_source(config, 'eval')
+  if which == 'eval' and own_eval is not None:
+    return own_eval, _nonempty(own_eval, np.arange(len(own_eval), dtype=np.int64), which)
+  eval_fraction = d.eval_fraction if own_eval is None else 0.0  # carve eval only without its own
   if which == 'eval' and not eval_fraction:
     raise DataError('no eval data: set data.eval_files/tfds_eval_split or data.eval_fraction > 0')
+  train = sources.open_source(config, 'train')
   if not eval_fraction and not d.test_fraction:
     return train, _nonempty(train, np.arange(len(train), dtype=np.int64), which)
   hashes, strata = train.split_keys(d.split_key, d.stratify_field)
@@ -43,6 +41,8 @@ def split_records(config, which: str):
 
 
 def _nonempty(source, ids, which):
+  if len(ids) and ids[-1] < 2**31:
+    ids = ids.astype(np.int32)  # O(records) memory: half of it
   if not len(ids):
     raise DataError(f'{source.name}: the {which} split has no records (empty corpus, or a '
                     f'fraction too small for it)')
@@ -81,7 +81,8 @@ class _Epochs:
       if e not in self._perms:
         if len(self._perms) >= 2:
           self._perms.pop(min(self._perms))
-        self._perms[e] = np.random.default_rng([self.seed, e]).permutation(n)
+        self._perms[e] = np.random.default_rng([self.seed, e]).permutation(
+            np.arange(n, dtype=np.int32 if n < 2**31 else np.int64))
       sel = epoch_N == e
       out[sel] = self.ids[self._perms[e][within[sel]]]
     return out, epoch_N
@@ -112,6 +113,8 @@ class BatchIterator(grain.DatasetIterator):
   a run may resume with a different data.num_workers. `stats` counts bad input and padding.
   """
 
+  _LOG_EVERY = 5000  # batches between absl INFO lines with all counters
+
   def __init__(self, make_chunks, batch_size, stats_):
     super().__init__()
     self._make_chunks, self._b, self.stats = make_chunks, batch_size, stats_
@@ -139,8 +142,11 @@ class BatchIterator(grain.DatasetIterator):
       self._row += take
       if self._row == n:
         self._rows, self._chunk, self._row = None, self._chunk + 1, 0
-    batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if len(parts) > 1 else parts[0]
+    batch = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts])
+                                              for k in parts[0]}
     self.stats.add_batch(batch['segment_ids'])
+    if self.stats.counts['rows'] % (self._LOG_EVERY * self._b) < self._b:
+      self.stats.log()
     return widen(batch)
 
   def get_state(self):
@@ -202,7 +208,7 @@ def train_iterator(config, tokenizer, *, process_index=0, process_count=1):
         flags.FLAGS.mark_as_parsed()
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(
           num_workers=d.num_workers, per_worker_buffer_size=d.worker_buffer_size),
-          worker_init_fn=None if os.environ.get("NOINIT") else _worker_init)
+          worker_init_fn=_worker_init)
     return ds
 
   return BatchIterator(make_chunks, b, st)
@@ -237,7 +243,8 @@ def eval_batches(config, tokenizer, *, process_index=0, process_count=1, max_bat
     pending, count = ([rest], len(rest['input_ids'])) if len(rest['input_ids']) else ([], 0)
     n = len(batch['input_ids'])
     if n < B:  # static shapes: pad with rows that carry no tokens and no predictions
-      batch = {k: np.concatenate([v, _padding_rows(v, B - n, k, tokenizer)]) for k, v in batch.items()}
+      batch = {k: np.concatenate([v, _padding_rows(v, B - n, k, tokenizer)])
+               for k, v in batch.items()}
     local = {k: v[process_index * b:(process_index + 1) * b] for k, v in batch.items()}
     st.add_batch(local['segment_ids'])
     emitted += 1

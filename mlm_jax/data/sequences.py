@@ -58,11 +58,15 @@ def pack(len_P: np.ndarray, max_len: int, packing: bool):
 
 
 def layout(start_P, len_P):
-  """Per content token (specials excluded), in piece order: piece_C, j_C (its position in the
-  piece, 1-based since [CLS] is 0) and offset_C (its offset within its record)."""
+  """Per content token (specials excluded) of non-empty pieces, in piece order: piece_C, j_C
+  (its position in the piece, 1-based since [CLS] is 0) and offset_C (offset in its record)."""
   first_P = np.cumsum(len_P) - len_P
-  piece_C = np.repeat(np.arange(len(len_P), dtype=np.int32), len_P)
-  ar = np.arange(int(first_P[-1] + len_P[-1]) if len(len_P) else 0)
+  total = int(first_P[-1] + len_P[-1]) if len(len_P) else 0
+  # Pieces are never empty, so marking piece starts and a cumsum gives piece_C (cheaper than repeat).
+  starts = np.zeros(total, np.int32)
+  starts[first_P[1:]] = 1
+  piece_C = np.cumsum(starts, dtype=np.int32)
+  ar = np.arange(total)
   j_C = ar - (first_P - 1)[piece_C]
   offset_C = ar + (start_P - first_P)[piece_C]
   return piece_C, j_C, offset_C

@@ -1,8 +1,9 @@
 """Byte-offset index of the records in a text file, built once with numpy and cached on disk.
 
 A record is a non-empty line ('line') or a run of non-empty lines ('block'), with surrounding
-whitespace trimmed. The index holds start/end offsets and a blake2b hash of each record's bytes
-(the default split key), so the corpus itself is never held in memory.
+whitespace trimmed. The index holds start offsets and lengths (12 bytes a record); blake2b hashes
+of the records (the default split key) are a second cached file, built only when a split is carved.
+The corpus itself is never held in memory.
 """
 import hashlib
 import os
@@ -13,27 +14,30 @@ from absl import logging
 
 from mlm_jax.errors import DataError
 
-_VERSION = 2
+_VERSION = 3
 _BLOCK = 16 << 20
 _WS = np.zeros(256, bool)
 _WS[[9, 10, 11, 12, 13, 32]] = True
 
 
 def _line_spans(buf: np.ndarray, base: int):
-  """Per line of `buf` (which ends with a newline): trimmed [first, end) absolute offsets."""
-  nl = np.flatnonzero(buf == 10)
-  starts = np.concatenate([[0], nl[:-1] + 1])
-  content = np.flatnonzero(~_WS[buf])
-  if not len(content):
-    return nl + base, nl + base
-  # First non-space byte at or after each line start; last one before each newline.
-  i = np.searchsorted(content, starts)
-  j = np.searchsorted(content, nl) - 1
-  first = np.where(i < len(content), content[np.minimum(i, len(content) - 1)], nl)
-  last = np.where(j >= 0, content[np.maximum(j, 0)], -1)
-  empty = first >= nl
-  end = np.where(empty, first, last + 1)
-  first = np.where(empty, end, first)
+  """Per line of `buf` (which ends with a newline): whitespace-trimmed [first, end) offsets.
+
+  Trimming steps all lines with leading (trailing) whitespace one byte at a time, so memory stays
+  O(lines) and the loop runs as often as the longest whitespace run.
+  """
+  end = np.flatnonzero(buf == 10)
+  first = np.concatenate([[0], end[:-1] + 1])
+  todo = np.flatnonzero(_WS[buf[np.minimum(first, end)]] & (first < end))
+  while len(todo):
+    first[todo] += 1
+    todo = todo[(first[todo] < end[todo]) & _WS[buf[first[todo]]]]
+  todo = np.flatnonzero(first < end)
+  todo = todo[_WS[buf[end[todo] - 1]]]
+  while len(todo):
+    end[todo] -= 1
+    todo = todo[(end[todo] > first[todo]) & _WS[buf[end[todo] - 1]]]
+  first = np.minimum(first, end)
   return first + base, end + base
 
 
@@ -124,8 +128,8 @@ def cache_dir(configured: str) -> str:
   raise DataError(f'no writable cache directory (tried {configured!r}, ~/.cache, the temp dir)')
 
 
-def load_index(path: str, unit: str, cache: str) -> dict:
-  """{'start', 'end', 'hash', 'empty' (lines skipped)} for the file, from the cache when its size and mtime still match."""
+def _cached(path, unit, cache, kind, build):
+  """Arrays `build()` returns, cached on disk under a key of (path, unit, kind, size, mtime)."""
   try:
     st = os.stat(path)
     with open(path, 'rb'):
@@ -133,24 +137,43 @@ def load_index(path: str, unit: str, cache: str) -> dict:
   except OSError as e:
     raise DataError(f'{path}: cannot read ({e.strerror})') from None
   key = hashlib.blake2b(f'{os.path.abspath(path)}|{unit}'.encode(), digest_size=10).hexdigest()
-  cache_path = os.path.join(cache, f'{os.path.basename(path)[:40]}.{key}.idx.npz')
+  cache_path = os.path.join(cache, f'{os.path.basename(path)[:40]}.{key}.{kind}.npz')
   stamp = np.array([_VERSION, st.st_size, st.st_mtime_ns], np.int64)
   try:
     with np.load(cache_path) as z:
       if np.array_equal(z['stamp'], stamp):
-        return {k: z[k] for k in ('start', 'end', 'hash', 'empty')}
+        return {k: z[k] for k in z.files if k != 'stamp'}
   except (OSError, ValueError, KeyError):
     pass
-  logging.info('Indexing %s (%s records)', path, unit)
-  start, end, empty = _records(path, unit)
-  index = {'start': start, 'end': end, 'hash': _hashes(path, start, end), 'empty': np.int64(empty)}
-  # Write then rename, so concurrent processes never read a half-written index.
+  arrays = build()
+  # Write then rename, so concurrent processes never read a half-written file.
   tmp = f'{cache_path}.{os.getpid()}.tmp'
   try:
     os.makedirs(cache, exist_ok=True)
     with open(tmp, 'wb') as f:
-      np.savez(f, stamp=stamp, **index)
+      np.savez(f, stamp=stamp, **arrays)
     os.replace(tmp, cache_path)
   except OSError as e:
-    logging.warning('Could not cache the index of %s in %s: %s', path, cache, e)
-  return index
+    logging.warning('Could not cache the %s of %s in %s: %s', kind, path, cache, e)
+  return arrays
+
+
+def load_index(path: str, unit: str, cache: str) -> dict:
+  """{'start' (int64), 'length' (int32), 'empty' (lines skipped)} of the file's records, cached."""
+
+  def build():
+    logging.info('Indexing %s (one record per %s)', path, unit)
+    start, end, empty = _records(path, unit)
+    if len(start) and (end - start).max() >= 2**31:
+      raise DataError(f'{path}: a record of 2 GB or more (is text_unit right?)')
+    return {'start': start, 'length': (end - start).astype(np.int32), 'empty': np.int64(empty)}
+
+  return _cached(path, unit, cache, 'idx', build)
+
+
+def load_hashes(path: str, unit: str, cache: str) -> np.ndarray:
+  """blake2b (64-bit) of every record's bytes: the default split key. Cached; built on demand."""
+  index = load_index(path, unit, cache)
+  return _cached(path, unit, cache, 'hash',
+                 lambda: {'hash': _hashes(path, index['start'],
+                                          index['start'] + index['length'])})['hash']

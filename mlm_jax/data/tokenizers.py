@@ -101,7 +101,8 @@ class WordPieceTokenizer(Tokenizer):
     self._hf = tok
 
   def encode_batch(self, texts):
-    return [np.asarray(e.ids, np.int32) for e in self._hf.encode_batch_fast(texts, add_special_tokens=False)]
+    encodings = self._hf.encode_batch_fast(texts, add_special_tokens=False)
+    return [np.asarray(e.ids, np.int32) for e in encodings]
 
   def decode(self, ids):
     return self._hf.decode([int(i) for i in ids], skip_special_tokens=False)

@@ -1,0 +1,65 @@
+"""TFDS datasets (array_record) as a record source, through `tfds.data_source`."""
+import json
+import os
+
+import numpy as np
+
+from mlm_jax.data import sources
+from mlm_jax.errors import DataError
+
+
+class TfdsSource:
+  """A TFDS dataset read through `tfds.data_source` (array_record, random access)."""
+
+  def __init__(self, name, split, data_dir, text_field, feature_names, limit=0):
+    self.args = (name, split, data_dir or None)
+    self.text_field, self.feature_names = text_field, tuple(feature_names)
+    self.name = f'tfds:{name}[{split}]'
+    self._ds = None
+    self.n = len(self._source())
+    self.metadata = _read_json(os.path.join(str(self._source().dataset_info.data_dir),
+                                            'metadata.json'))
+    if limit:
+      self.n = min(self.n, limit)
+
+  def __getstate__(self):
+    return {k: v for k, v in self.__dict__.items() if k != '_ds'}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _ds=None)
+
+  def _source(self):
+    if self._ds is None:
+      import tensorflow_datasets as tfds  # heavy: only where a TFDS source is used
+      name, split, data_dir = self.args
+      try:
+        self._ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+      except Exception as e:  # tfds raises many types for a missing/unprepared dataset
+        raise DataError(f'{self.name} (data_dir={data_dir}): cannot open ({type(e).__name__}: '
+                        f'{str(e).splitlines()[0] if str(e) else ""})') from None
+    return self._ds
+
+  def __len__(self):
+    return self.n
+
+  def where(self, i):
+    return f'{self.name} record {i}'
+
+  def objects(self, ids_N, counts):
+    ids = np.asarray(ids_N).tolist()
+    return zip(ids, self._source().__getitems__(ids))
+
+  def read(self, ids_N, counts) -> sources.Records:
+    return sources.records_from_objects(self.objects(ids_N, counts), self.text_field,
+                                        self.feature_names, self.where)
+
+  def split_keys(self, key_field, stratify_field):
+    return sources.keys_from_objects(self, key_field, stratify_field)
+
+
+def _read_json(path):
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
