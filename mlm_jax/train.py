@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from mlm_jax import checkpoint as ckpt
 from mlm_jax import config as config_lib
@@ -150,13 +151,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       saved_config = None
     if saved_config is not None:
       ckpt.validate_resume(saved_config, resolved, allow_inexact=t.allow_inexact_resume)
-  restored = checkpointer.restore(trainer.abstract_state, data_iterator=train_iter)
+  restored = checkpointer.restore(trainer.abstract_state)
   if restored is None:
     state = trainer.init_state()
     start_step = 0
   else:
     state, meta = restored
     start_step = int(jax.device_get(state['step']))
+    if meta.get('data_state'):
+      train_iter.set_state(meta['data_state'])
+    else:
+      logging.warning('checkpoint step %d has no input position: the input starts from the '
+                      'beginning (e.g. a checkpoint made by tools/import_hf.py)', start_step)
     logging.info('resumed from step %d', start_step)
   early = EarlyStopping(t.early_stopping_patience, config.checkpoint.best_mode,
                         meta.get('early_stopping') if restored else None)
@@ -171,10 +177,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   def metadata(step):
     return {'config': resolved, 'step': step, 'early_stopping': early.state(),
-            'param_counts': trainer.param_counts}
+            'param_counts': trainer.param_counts, 'data_state': _gathered_input_state(train_iter)}
 
   def save(step, eval_metrics=None, force=False):
-    if checkpointer.save(step, state, data_iterator=train_iter, metadata=metadata(step),
+    if checkpointer.save(step, state, metadata=metadata(step),
                          metrics=eval_metrics, force=force):
       writer.write(step, {'checkpoint/blocking_s': checkpointer.last_blocking_s})
 
@@ -263,6 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       bar.close()
     writer.close()
     checkpointer.close()
+    train_iter.close()
     preemption.uninstall()
   if early.best_step is not None:
     logging.info('best %s = %.4g at step %d', config.checkpoint.best_metric, early.best,
@@ -270,6 +277,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     last['best_step'] = early.best_step
   last['step'] = step
   return last
+
+
+def _gathered_input_state(train_iter) -> dict:
+  """Every process's input shard positions, so any process layout can resume from them.
+
+  Kept in the checkpoint's JSON metadata rather than in per-process files: a checkpoint written
+  by 2 processes must resume in 1 (and the other way round), and every process needs the whole map.
+  """
+  local = train_iter.get_state()
+  if jax.process_count() == 1:
+    return local
+  rows_S3 = np.array([[int(s), v['chunk'], v['row']] for s, v in local['shards'].items()], np.int32)
+  every_S3 = multihost_utils.process_allgather(rows_S3).reshape(-1, 3)
+  return {'num_shards': local['num_shards'],
+          'shards': {str(s): {'chunk': int(c), 'row': int(r)} for s, c, r in every_S3.tolist()}}
 
 
 def _consume(pending, acc, nonfinite_in_a_row, config):

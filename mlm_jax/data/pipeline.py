@@ -182,36 +182,93 @@ def _builder(config, tokenizer, source, stream):
                       data_config.max_predictions(config))
 
 
+def num_shards(config, process_count: int) -> int:
+  """Logical input shards: data.num_shards, or one per process."""
+  n = config.data.num_shards or process_count
+  if n % process_count:
+    raise ConfigError('data.num_shards', f'{n} shards cannot be split evenly over '
+                      f'{process_count} processes')
+  if config.train.batch_size % n:
+    raise ConfigError('data.num_shards', f'{n} does not divide train.batch_size '
+                      f'{config.train.batch_size}')
+  return n
+
+
 def train_iterator(config, tokenizer, *, process_index=0, process_count=1):
   """Endless, checkpointable grain iterator over this process's train batches (see API.md).
 
-  The iterator's `stats` attribute (a `Stats`) counts bad input and padding.
+  The train split is cut into `num_shards` logical shards (record i goes to shard i % S), each
+  with its own record order and stream; a global batch is the concatenation of every shard's next
+  B/S rows, in shard order. A process owns a contiguous range of shards, so the global batch does
+  not depend on how many processes share the work. The iterator's `stats` (a `Stats`) counts bad
+  input and padding.
   """
   d = config.data
+  shards = num_shards(config, process_count)
   source, ids = split_records(config, 'train')
-  ids = ids[process_index::process_count]
-  _nonempty(source, ids, f'train (process {process_index})')
   builder = _builder(config, tokenizer, source, rng.TRAIN)
-  b = _local_batch(config, process_count)
+  _local_batch(config, process_count)
   st = stats.Stats('train')
   st.counts['empty_lines'] = getattr(getattr(source, 'fileset', None), 'empty_lines', 0)
-  logging.info('data/train: %d records (process %d of %d), %s', len(ids), process_index,
-               process_count, source.name)
-  epochs = _Epochs(ids, config.seed)
+  per_process = shards // process_count
+  mine = range(process_index * per_process, (process_index + 1) * per_process)
+  logging.info('data/train: %d records in %d shards (shards %d-%d on process %d of %d), %s',
+               len(ids), shards, mine[0], mine[-1], process_index, process_count, source.name)
 
-  def make_chunks(first):
-    ds = _TrainChunks(builder, epochs, d.chunk_records, first)
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1 if d.prefetch_chunks else 0,
-                                              prefetch_buffer_size=d.prefetch_chunks))
-    if d.num_workers:
-      if not flags.FLAGS.is_parsed():  # outside an absl app (tests, notebooks) grain needs defaults
-        flags.FLAGS.mark_as_parsed()
-      ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-          num_workers=d.num_workers, per_worker_buffer_size=d.worker_buffer_size),
-          worker_init_fn=_worker_init)
-    return ds
+  def shard_iterator(shard):
+    shard_ids = _nonempty(source, ids[shard::shards], f'train (shard {shard})')
+    epochs = _Epochs(shard_ids, config.seed if shards == 1 else [config.seed, shard])
 
-  return BatchIterator(make_chunks, b, st)
+    def make_chunks(first):
+      ds = _TrainChunks(builder, epochs, d.chunk_records, first)
+      ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1 if d.prefetch_chunks else 0,
+                                                prefetch_buffer_size=d.prefetch_chunks))
+      if d.num_workers:
+        if not flags.FLAGS.is_parsed():  # outside an absl app (tests, notebooks) grain needs defaults
+          flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=d.num_workers, per_worker_buffer_size=d.worker_buffer_size),
+            worker_init_fn=_worker_init)
+      return ds
+
+    return BatchIterator(make_chunks, config.train.batch_size // shards, st)
+
+  return ShardedIterator({s: shard_iterator(s) for s in mine}, shards, st)
+
+
+class ShardedIterator(grain.DatasetIterator):
+  """This process's shards, side by side: each `next` is the concatenation of their next rows.
+
+  The state maps shard number -> that shard's {'chunk', 'row'}; `set_state` takes a state with
+  more shards (e.g. gathered from every process) and picks its own, so a checkpoint written by one
+  process layout resumes under another.
+  """
+
+  def __init__(self, shards: dict, num_shards: int, stats_):
+    super().__init__()
+    self._shards, self.num_shards, self.stats = shards, num_shards, stats_
+
+  def __next__(self):
+    parts = [next(it) for it in self._shards.values()]
+    if len(parts) == 1:
+      return parts[0]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def get_state(self):
+    return {'num_shards': self.num_shards,
+            'shards': {str(s): it.get_state() for s, it in self._shards.items()}}
+
+  def set_state(self, state):
+    if state.get('num_shards') != self.num_shards:
+      raise ConfigError('data.num_shards', f'the saved input state has {state.get("num_shards")} '
+                        f'shards, this run {self.num_shards}')
+    for s, it in self._shards.items():
+      it.set_state(state['shards'][str(s)])
+
+  def close(self):
+    for it in self._shards.values():
+      it.close()
+    super().close()
 
 
 def eval_batches(config, tokenizer, *, process_index=0, process_count=1, max_batches=None,
