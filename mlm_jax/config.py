@@ -83,6 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Global batch size in sequences, across all devices and hosts.
   t.batch_size = 32
   # Micro-batches per optimizer step (summed inside one jitted step); must divide batch_size.
+  # 0 = auto: the fewest whose compiled step fits device memory (same mathematics, less memory).
   t.grad_accum_steps = 1
   # Log train metrics every this many steps.
   t.log_every = 50
@@ -154,8 +155,8 @@ _CHOICES = {
 }
 _POSITIVE = ('model.num_layers', 'model.hidden_size', 'model.num_heads', 'model.intermediate_size',
              'model.vocab_size', 'model.max_len', 'model.type_vocab_size', 'train.steps',
-             'train.batch_size', 'train.grad_accum_steps', 'train.log_every')
-_NON_NEGATIVE = ('train.profile_start_step', 'train.profile_num_steps', 'optimizer.warmup_steps', 'optimizer.weight_decay', 'optimizer.clip_norm',
+             'train.batch_size', 'train.log_every')
+_NON_NEGATIVE = ('train.grad_accum_steps', 'train.profile_start_step', 'train.profile_num_steps', 'optimizer.warmup_steps', 'optimizer.weight_decay', 'optimizer.clip_norm',
                  'optimizer.end_lr_ratio', 'train.eval_every', 'train.peak_flops',
                  'checkpoint.every', 'checkpoint.keep_best', 'train.max_nonfinite_in_a_row')
 
@@ -212,7 +213,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError('model.dropout', f'must be in [0, 1), got {m.dropout}')
   if not 0 <= m.attention_dropout < 1:
     raise ConfigError('model.attention_dropout', f'must be in [0, 1), got {m.attention_dropout}')
-  if t.batch_size % t.grad_accum_steps:
+  if t.grad_accum_steps and t.batch_size % t.grad_accum_steps:
     raise ConfigError('train.grad_accum_steps',
                       f'{t.grad_accum_steps} does not divide train.batch_size {t.batch_size}')
   if o.learning_rate <= 0:

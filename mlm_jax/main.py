@@ -7,6 +7,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mlm_jax import launch
 from mlm_jax.errors import ConfigError, DataError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file (configs/*.py).',
@@ -26,11 +27,11 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from mlm_jax import distributed, train  # after flag parsing, so --help stays fast
+  from mlm_jax import autotune, distributed, train  # after flag parsing: --help stays fast
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, stop_after=_STOP_AFTER.value)
-  except (ConfigError, DataError, train.TrainingHalted) as e:
+  except (ConfigError, DataError, train.TrainingHalted, autotune.OutOfMemory) as e:
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
@@ -48,6 +49,7 @@ def parse_flags(argv):
 
 
 def run():
+  launch.relaunch_if_needed()  # allocator settings must be in place before the process starts
   app.run(main, flags_parser=parse_flags)
 
 

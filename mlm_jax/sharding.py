@@ -14,10 +14,11 @@ def make_mesh(config, devices=None) -> Mesh:
   data = config.sharding.data if config.sharding.data != -1 else n // fsdp
   if data * fsdp != n:
     raise ConfigError('sharding', f'data={data} x fsdp={fsdp} does not use the {n} devices exactly')
-  if config.train.batch_size % n or (config.train.batch_size // config.train.grad_accum_steps) % n:
+  accum = config.train.grad_accum_steps or 1  # 0 = auto: checked when it is picked
+  if config.train.batch_size % n or (config.train.batch_size // accum) % n:
     raise ConfigError('train.batch_size',
                       f'{config.train.batch_size} sequences (micro-batch '
-                      f'{config.train.batch_size // config.train.grad_accum_steps}) must split evenly '
+                      f'{config.train.batch_size // accum}) must split evenly '
                       f'over {n} devices')
   return jax.make_mesh((data, fsdp), BATCH_AXES, devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)

@@ -73,14 +73,20 @@ def train_step(state, batch, *, graphdef, optimizer, schedule, grad_accum_steps:
 
   grad_norm = optax.tree.norm(grads)
   count = optax.tree_utils.tree_get(state['opt_state'], 'count', filtering=_is_schedule_count)
-  updates, opt_state = optimizer.update(grads, state['opt_state'], params)
-  new_params = optax.apply_updates(params, updates)
-  # A non-finite loss or gradient never reaches the parameters: the update is dropped here and the
-  # host decides (config train.nonfinite) whether to halt or go on.
+  # A non-finite loss or gradient never reaches the parameters: the update is skipped here and the
+  # host decides (config train.nonfinite) whether to halt or go on. A lax.cond rather than
+  # jnp.where(finite, new, old): with where, XLA keeps a copy of the old optimizer state and
+  # parameters alive next to the new ones (a full copy of them every step); cond updates in place.
   finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_state = {'step': state['step'] + 1, 'params': keep(new_params, params),
-               'opt_state': keep(opt_state, state['opt_state']), 'key': state['key']}
+
+  def update(params, opt_state):
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  new_params, new_opt_state = jax.lax.cond(finite, update, lambda p, o: (p, o), params,
+                                           state['opt_state'])
+  new_state = {'step': state['step'] + 1, 'params': new_params, 'opt_state': new_opt_state,
+               'key': state['key']}
   metrics = {'loss_sum': loss_sum, 'correct_sum': correct_sum, 'weight_sum': weight_sum,
              'tokens': jnp.sum(batch['segment_ids'] > 0), 'grad_norm': grad_norm,
              'learning_rate': schedule(count), 'nonfinite': ~finite}

@@ -15,6 +15,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from mlm_jax import autotune
 from mlm_jax import checkpoint as ckpt
 from mlm_jax import config as config_lib
 from mlm_jax import data
@@ -200,9 +201,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       batch = next_batch()
       data_wait += time.perf_counter() - tic
       if trainer.batch_keys is None:
+        if t.grad_accum_steps == 0:
+          t.grad_accum_steps = autotune.pick_grad_accum(
+              autotune.train_step_compiler(trainer, batch), t.batch_size, jax.device_count(),
+              config=config)
+          logging.info('train.grad_accum_steps=0 (auto): %d micro-batches per step',
+                       t.grad_accum_steps)
         trainer.compile_steps(batch.keys())
       profiler.before(step)
-      state, step_metrics = trainer.train_step(state, batch)
+      try:
+        state, step_metrics = trainer.train_step(state, batch)
+      except Exception as e:  # noqa: BLE001 -- only out-of-memory is turned into advice
+        if autotune.is_resource_exhausted(e):
+          raise TrainingHalted(autotune.oom_message(config, str(e).splitlines()[0])) from e
+        raise
       step += 1
       if pending is not None:
         nonfinite_in_a_row = _consume(pending, acc, nonfinite_in_a_row, config)

@@ -1,0 +1,77 @@
+"""tools/benchmark.py on a tiny config, mlm_jax.autotune on CPU, and the launcher's environment."""
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from mlm_jax import autotune, launch
+from mlm_jax import train
+from tests.test_train_step import batches, tiny_config
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_benchmark_runs_the_train_step_on_a_tiny_config():
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one CPU device, as a user
+  out = subprocess.run(
+      [sys.executable, os.path.join(_REPO, 'tools', 'benchmark.py'), '--layers', '1', '--hidden',
+       '32', '--heads', '2', '--intermediate', '64', '--vocab', '97', '--seq', '32', '--batch', '4',
+       '--steps', '5', '--accum', '2', '--peak_gflops', '100', '--no_launch'],
+      env=env, capture_output=True, text=True, timeout=120, check=True).stdout
+  m = re.search(r'^RESULT tokens_per_s=([0-9.]+) step_ms=([0-9.]+) mfu=([0-9.]+)$', out, re.M)
+  assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0
+  assert re.search(r'compile_s=[0-9.]+', out) and re.search(r'peak_rss_mb=\d+', out)
+
+
+def test_compare_skips_cleanly_without_the_reference(tmp_path):
+  out = subprocess.run(
+      [sys.executable, os.path.join(_REPO, 'tools', 'benchmark.py'), '--compare',
+       '--reference_dir', str(tmp_path)], capture_output=True, text=True, timeout=60,
+      check=True).stdout
+  assert 'skipping the comparison' in out
+
+
+def test_candidate_accums_split_the_batch_evenly_over_devices():
+  assert autotune.candidate_accums(32, 1) == [1, 2, 4, 8, 16, 32]
+  assert autotune.candidate_accums(32, 8) == [1, 2, 4]
+  assert autotune.candidate_accums(24, 8) == [1, 3]
+
+
+def test_pick_grad_accum_on_cpu_takes_the_smallest_without_compiling():
+  def compile_step(a):
+    raise AssertionError('nothing should be compiled without a memory limit')
+  assert autotune.memory_limit_bytes(jax.devices('cpu')[0]) is None
+  assert autotune.pick_grad_accum(compile_step, 32, 8) == 1
+
+
+def test_pick_grad_accum_picks_the_smallest_count_that_fits():
+  config = tiny_config(**{'model.hidden_size': 64, 'model.intermediate_size': 256})
+  trainer = train.Trainer(config, workdir=None)
+  compile_step = autotune.train_step_compiler(trainer, batches(config, 1)[0])
+  need = {a: autotune.compiled_bytes(compile_step(a)) for a in (1, 4)}
+  assert need[4] < need[1]  # smaller micro-batches, fewer live activations
+  limit = int((need[1] + need[4]) / 2 / autotune.DEFAULT_HEADROOM)  # 1 does not fit, 4 does
+  picked = autotune.pick_grad_accum(compile_step, 32, jax.device_count(), memory_limit=limit)
+  assert 1 < picked <= 4
+  with pytest.raises(autotune.OutOfMemory, match='train.grad_accum_steps'):
+    autotune.pick_grad_accum(compile_step, 32, jax.device_count(), memory_limit=1000,
+                             config=config)
+
+
+def test_oom_message_names_the_settings_to_change():
+  msg = autotune.oom_message(tiny_config(), 'RESOURCE_EXHAUSTED: out of memory')
+  for field in ('train.grad_accum_steps', 'model.remat_policy', 'model.dtype', 'train.batch_size'):
+    assert field in msg
+  assert autotune.is_resource_exhausted(RuntimeError('RESOURCE_EXHAUSTED: Out of memory'))
+  assert not autotune.is_resource_exhausted(ValueError('shapes do not match'))
+
+
+def test_launch_env_adds_settings_once_and_plain_env_removes_them():
+  user = {'PATH': '/bin', 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  env = launch.launch_env(user)
+  assert env['XLA_FLAGS'].startswith('--xla_force_host_platform_device_count=8')
+  assert launch.launch_env(env) == env  # idempotent: a second launch changes nothing
+  assert launch.plain_env({**env, launch.GUARD: '1'}) == user
