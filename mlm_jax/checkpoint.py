@@ -13,6 +13,7 @@ import hashlib
 import importlib.metadata
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -195,6 +196,8 @@ class Checkpointer:
       raise ConfigError('checkpoint.best_mode', f"must be 'min' or 'max', got {best_mode!r}")
     if save_every < 1:
       raise ConfigError('checkpoint.every', f'must be >= 1, got {save_every}')
+    if '://' not in str(directory):  # orbax needs absolute paths; gs:// and the like already are
+      directory = os.path.abspath(directory)
     self.directory = epath.Path(directory)
     self.best_metric, self.best_mode = best_metric, best_mode
     self.last_blocking_s = 0.0

@@ -119,6 +119,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   config_lib.validate(config)
   quiet_library_logs()
+  if '://' not in workdir:
+    workdir = os.path.abspath(workdir)
   if config.train.compilation_cache_dir:  # a restarted run loads its programs instead of compiling
     jax.config.update('jax_compilation_cache_dir',
                       os.path.expanduser(config.train.compilation_cache_dir))

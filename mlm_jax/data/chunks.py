@@ -19,6 +19,8 @@ class ChunkBuilder:
 
   def __init__(self, config, tokenizer, source, seed, stream, max_predictions):
     d = config.data
+    if hasattr(source, 'with_tokenizer'):  # sources whose features depend on the tokenizer's vocab
+      source = source.with_tokenizer(tokenizer)
     self.source, self.tokenizer = source, tokenizer
     self.seed, self.stream = int(seed), stream
     self.max_len, self.num_predictions = config.model.max_len, max_predictions
@@ -124,6 +126,10 @@ class ChunkBuilder:
     pos[dest_C], pos[sep_P] = j_C, len_P + 1
     out['input_ids'], out['segment_ids'] = ids.reshape(num_rows, L), seg.reshape(num_rows, L)
     out['positions'] = pos.reshape(num_rows, L)
+    if tok.token_type_V is not None:  # from the unmasked ids: masking never changes a token's type
+      types = np.zeros(num_rows * L, np.uint8)
+      types[dest_C] = tok.token_type_V[ids_C]
+      out['token_type_ids'] = types.reshape(num_rows, L)
     for name in self.features:
       if src_C is None:
         src_C = offset_C + offset_R[record_P][piece_C]
@@ -178,7 +184,8 @@ def _narrow(limit):
 def widen(batch: dict) -> dict:
   """Wire rows -> the batch contract: int32 ids/positions, float32 weights, token_type_ids."""
   out = {k: v.astype(np.float32 if k == 'mlm_weights' else np.int32) for k, v in batch.items()}
-  out['token_type_ids'] = np.zeros_like(out['input_ids'])
+  if 'token_type_ids' not in out:  # only tokenizers with a token_type_V send them
+    out['token_type_ids'] = np.zeros_like(out['input_ids'])
   return out
 
 

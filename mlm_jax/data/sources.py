@@ -232,4 +232,10 @@ def open_source(config, split: str):
   files = expand_globs(spec, f'{split}_files')
   if d.source == 'text':
     return TextSource(files, d.text_unit, cache, d.max_records, d.invalid_utf8)
+  if d.source == 'domains':
+    from mlm_jax.data import domains
+    return domains.open_source(config, files, cache)
+  if d.source == 'events':
+    from mlm_jax.data import events
+    return events.EventSource(files, cache, d.text_field, features, d.max_records, d.invalid_utf8)
   return JsonlSource(files, cache, d.text_field, features, d.max_records, d.invalid_utf8)

@@ -15,11 +15,12 @@ CHUNK_COUNTERS = (
     'bad_feature_records',   # records whose per-token feature list does not match the tokens (skipped)
     'masked_over_cap',       # chosen tokens left unmasked because a row had more than P
     'pieces',                # records or windows placed in rows
+    'invalid_records',       # records (or session events) the source could not use (skipped)
 )
 # Counted once at start-up or in the training process.
 OTHER_COUNTERS = ('empty_lines', 'rows', 'real_tokens', 'slots')
 _BAD = ('invalid_utf8_records', 'nul_bytes', 'empty_records', 'unk_tokens', 'bad_feature_records',
-        'masked_over_cap', 'empty_lines')
+        'masked_over_cap', 'empty_lines', 'invalid_records')
 _NOTE = ('long_records',)  # expected in real corpora: logged at INFO
 
 

@@ -29,6 +29,8 @@ class Tokenizer:
   mask_id: int
   # word_start_V[id]: the token may begin a word (False for WordPiece '##' continuations).
   word_start_V: np.ndarray
+  # token_type_V[id]: the token's token_type_ids value; None = all 0 (plain text).
+  token_type_V: np.ndarray | None = None
 
   @property
   def special_ids(self) -> np.ndarray:
@@ -195,13 +197,26 @@ def load_tokenizer(directory: str) -> Tokenizer:
     return WordPieceTokenizer(os.path.join(directory, meta['vocab']), meta['lowercase'])
   if meta.get('kind') == 'char':
     return CharTokenizer(meta['alphabet'], meta['lowercase'])
+  if meta.get('kind') == 'domain':
+    from mlm_jax.data.domains import DomainTokenizer
+    return DomainTokenizer.load(directory, meta)
+  if meta.get('kind') == 'session':
+    from mlm_jax.data.events import SessionTokenizer
+    return SessionTokenizer.load(directory, meta)
   raise DataError(f'{path}: unknown tokenizer kind {meta.get("kind")!r}')
 
 
 def build_tokenizer(config) -> Tokenizer:
   """The tokenizer config.data describes; checks it against config.model.vocab_size."""
   d = config.data
-  if d.tokenizer == 'wordpiece':
+  if d.source == 'domains':  # the char tokenizer plus the TLD vocabulary of the training split
+    from mlm_jax.data import domains
+    tok = domains.build_tokenizer(config)
+  elif d.tokenizer == 'session':
+    from mlm_jax.data import events
+    tok = events.SessionTokenizer(data_config.expand_path(d.vocab_path), events.types(d.event_types),
+                                  d.lowercase)
+  elif d.tokenizer == 'wordpiece':
     tok = WordPieceTokenizer(data_config.expand_path(d.vocab_path), d.lowercase)
   elif d.tokenizer == 'char':
     tok = CharTokenizer(d.alphabet, d.lowercase)

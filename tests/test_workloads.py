@@ -1,0 +1,293 @@
+"""The workloads: DomainBERT data (public-suffix split, TLD vocabulary, stratified split), event
+sessions (structural/text token types, event types), and a short run of every config in configs/."""
+import glob
+import importlib.util
+import json
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+
+from mlm_jax import data
+from mlm_jax.data import domains, events, split
+from mlm_jax.errors import ConfigError
+from tools import make_event_sessions
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PSL_VECTORS = os.path.join(REPO, '..', 'shared', 'data', 'psl', 'test_psl.txt')
+SHIPPED = os.path.join(REPO, 'mlm_jax', 'assets', 'domains', 'psl_private_domains.txt')
+
+
+def load_config(name, variant=''):
+  spec = importlib.util.spec_from_file_location(f'cfg_{name}', os.path.join(REPO, 'configs',
+                                                                            f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant) if variant else module.get_config()
+
+
+# ---------------------------------------------------------------- public suffix split
+
+def test_psl_official_vectors():
+  if not os.path.exists(PSL_VECTORS):
+    pytest.skip(f'{PSL_VECTORS} not present')
+  from publicsuffixlist import PublicSuffixList
+  full = PublicSuffixList(only_icann=False, accept_unknown=True)
+  icann = PublicSuffixList(only_icann=True, accept_unknown=True)
+  checked = 0
+  pattern = re.compile(r"^checkPublicSuffix\((null|'[^']*'), (null|'[^']*')\);")
+  for line in open(PSL_VECTORS, encoding='utf-8'):
+    m = pattern.match(line.strip())
+    if not m or m.group(1) == 'null':
+      continue
+    name = m.group(1).strip("'")
+    expected = None if m.group(2) == 'null' else m.group(2).strip("'").lower()
+    got = domains.registrable_domain(name)
+    if not name.startswith('.') and full.publicsuffix(name.lower()) != icann.publicsuffix(
+        name.lower()):
+      continue  # a PRIVATE-section rule (e.g. uk.com) decides: we split at ICANN suffixes only
+    if expected is None:
+      assert got is None, name  # a suffix alone, a leading dot, ...: never a record
+    elif domains._psl().publicsuffix(expected) is None:
+      # The vectors' default rule '*' accepts unlisted TLDs ('example.example'); we reject names
+      # without a known ICANN suffix by design (counted as invalid records).
+      assert got is None, name
+    else:
+      assert got == expected.encode('idna').decode('ascii'), name
+    checked += 1
+  assert checked >= 60
+
+
+def test_split_name_parts():
+  assert domains.split_name('WWW.Example.CO.UK.') == ('www.example', 'co.uk')
+  assert domains.record_text('www.example', 'registrable') == 'example'
+  assert domains.record_text('www.example', 'host') == 'www.example'
+  assert domains.split_name('https://shop.example.com/a?b') == ('shop.example', 'com')
+  for bad in ('co.uk', 'localhost', 'exa mple.com', 'foo.notatld', '-', ''):
+    assert domains.split_name(bad) is None, bad
+
+
+# ---------------------------------------------------------------- domain source
+
+def domain_config(tmp_path, files, tld_vocab_size=512, **data_overrides):
+  c = load_config('domainbert', 'tiny')
+  c.model.extra_embeddings = {'tld': tld_vocab_size}
+  c.data.update(train_files=files, tld_vocab_size=tld_vocab_size, cache_dir=str(tmp_path / 'cache'),
+                **data_overrides)
+  return c
+
+
+@pytest.fixture(scope='module')
+def domain_file(tmp_path_factory):
+  """The shipped names plus invalid lines and a rare suffix."""
+  path = tmp_path_factory.mktemp('domains') / 'names.txt'
+  names = open(SHIPPED).read().split()
+  names += ['not a domain', 'localhost', 'co.uk', 'rare-name.museum']
+  path.write_text('\n'.join(names) + '\n')
+  return str(path), len(names)
+
+
+def test_tld_vocabulary_is_deterministic_and_saved(domain_file, tmp_path):
+  path, _ = domain_file
+  c = domain_config(tmp_path, path)
+  tok = data.build_tokenizer(c)
+  assert tok.tlds == domains.tld_vocabulary(c)  # same corpus, same ids
+  assert tok.tlds[:3] == ['com', 'net', 'org']  # most frequent first
+  tok.save(str(tmp_path / 'tok'))
+  back = data.load_tokenizer(str(tmp_path / 'tok'))
+  assert isinstance(back, domains.DomainTokenizer) and back.tlds == tok.tlds
+  assert back.fingerprint() == tok.fingerprint()
+  assert tok.vocab_size == 5 + len('abcdefghijklmnopqrstuvwxyz0123456789-.')
+
+
+def test_rare_suffixes_share_the_other_id_and_invalid_lines_are_counted(domain_file, tmp_path):
+  path, n = domain_file
+  c = domain_config(tmp_path, path, tld_vocab_size=4, eval_fraction=0.0, stratify_field='')
+  tok = data.build_tokenizer(c)
+  assert tok.tlds == ['com', 'net']  # ids 2, 3; everything else -> 1
+  source, ids = data.split_records(c, 'train')
+  source.with_tokenizer(tok)
+  counts = __import__('collections').Counter()
+  recs = source.read(ids, counts)
+  assert counts['invalid_records'] == 3  # 'not a domain', 'localhost', 'co.uk'
+  assert len(recs.texts) == n - 3
+  by_text = dict(zip(recs.texts, recs.features['tld']))
+  assert by_text['rare-name'] == domains.OTHER_TLD
+  suffixes = [domains.split_name(l)[1] for l in open(path).read().split('\n') if l
+              and domains.split_name(l)]
+  expected = [{'com': 2, 'net': 3}.get(s, 1) for s in suffixes]
+  assert recs.features['tld'] == expected
+  batch = next(iter(data.eval_batches(c, tok, split_name='train', max_batches=1)))
+  real = batch['segment_ids'] > 0
+  assert set(np.unique(batch['tld'][real])) <= {1, 2, 3} and (batch['tld'][~real] == 0).all()
+  assert (batch['input_ids'] != tok.unk_id).all()
+
+
+def test_stratified_split_is_disjoint_stable_and_per_suffix(domain_file, tmp_path):
+  path, n = domain_file
+  c = domain_config(tmp_path, path, eval_fraction=0.02, stratify_field='tld')
+  _, train = data.split_records(c, 'train')
+  source, ev = data.split_records(c, 'eval')
+  assert len(np.intersect1d(train, ev)) == 0 and len(train) + len(ev) == n
+  _, ev2 = data.split_records(c, 'eval')
+  np.testing.assert_array_equal(ev, ev2)
+  _, suffix_N, names = source.parsed()
+  for code in np.unique(suffix_N[suffix_N >= 0]):  # every suffix gets its share, rounded
+    size = int((suffix_N == code).sum())
+    share = sum((r + 0.5) / size < 0.02 for r in range(size))  # ~round(0.02 * size)
+    assert int((suffix_N[ev] == code).sum()) == share, names[code]
+  # Appending names of a new suffix moves no existing name between splits of other suffixes.
+  more = tmp_path / 'more.txt'
+  more.write_text(open(path).read() + 'a.example.travel\nb.example.travel\n')
+  _, ev3 = data.split_records(domain_config(tmp_path, str(more), eval_fraction=0.02,
+                                            stratify_field='tld'), 'eval')
+  np.testing.assert_array_equal(ev, ev3[ev3 < n])
+
+
+def test_csv_column_and_host_part(tmp_path):
+  p = tmp_path / 'ranks.csv'
+  p.write_text('rank,domain\n1,www.google.com\n2,"mail.example.co.uk"\n3,bad name\n')
+  c = domain_config(tmp_path, str(p), domain_column='domain', domain_part='host',
+                    eval_fraction=0.0, stratify_field='')
+  tok = data.build_tokenizer(c)
+  source, ids = data.split_records(c, 'train')
+  counts = __import__('collections').Counter()
+  recs = source.with_tokenizer(tok).read(ids, counts)
+  assert recs.texts == ['www.google', 'mail.example'] and counts['invalid_records'] == 1
+  assert [tok.tld_name(i) for i in recs.features['tld']] == ['com', 'co.uk']
+
+
+def test_domain_config_is_validated(tmp_path):
+  c = domain_config(tmp_path, SHIPPED)
+  c.model.extra_embeddings = {'tld': 100}
+  with pytest.raises(ConfigError, match='extra_embeddings'):
+    data.validate(c)
+
+
+# ---------------------------------------------------------------- event sessions
+
+@pytest.fixture(scope='module')
+def sessions_file(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp('events') / 'sessions.jsonl')
+  make_event_sessions.write(path, 300, seed=1)
+  return path
+
+
+def test_session_generator_is_deterministic(tmp_path):
+  a, b = tmp_path / 'a.jsonl', tmp_path / 'b.jsonl'
+  make_event_sessions.write(str(a), 50, 7)
+  make_event_sessions.write(str(b), 50, 7)
+  assert a.read_bytes() == b.read_bytes()
+  kinds = {e['type'] for s in events.read_sessions(str(a)) for e in s['events']}
+  assert kinds == {'search', 'view', 'add_to_cart', 'purchase'}
+
+
+@pytest.mark.parametrize('event_types', [['search', 'view'],
+                                         ['search', 'view', 'add_to_cart', 'purchase', 'a', 'b']])
+def test_session_tokens_types_and_event_types(event_types):
+  vocab = os.path.join(REPO, 'mlm_jax', 'assets', 'events', 'vocab.txt')
+  tok = events.SessionTokenizer(vocab, event_types)
+  assert tok.text_offset == 5 + len(event_types)  # the boundary moves with the types
+  session = [{'type': 'search', 'text': 'wireless headphones'}, {'type': 'view', 'text': 'sony x'},
+             {'type': 'unknown', 'text': 'dropped'}, {'type': 'view'}]
+  counts = __import__('collections').Counter()
+  (ids,), (feats,) = tok.encode_sessions([session], counts)
+  assert counts['invalid_records'] == 1
+  text_ids = tok.text.encode_batch(['wireless headphones', 'sony x'])
+  expected = ([tok.type_token['search']] + list(text_ids[0] + tok.text_offset)
+              + [tok.type_token['view']] + list(text_ids[1] + tok.text_offset)
+              + [tok.type_token['view']])
+  assert ids.tolist() == expected
+  assert feats.tolist() == ([1] * (1 + len(text_ids[0])) + [2] * (2 + len(text_ids[1])))
+  assert tok.decode(ids) == '[E:search] wireless headphones [E:view] sony x [E:view]'
+  types = tok.token_type_V[ids]
+  assert types.tolist() == [0] + [1] * len(text_ids[0]) + [0] + [1] * len(text_ids[1]) + [0]
+  # Event tokens are never masked nor drawn as random replacements.
+  assert set(tok.type_token.values()) <= set(tok.special_ids.tolist())
+  assert not set(tok.type_token.values()) & set(tok.normal_ids.tolist())
+
+
+def test_session_batches(sessions_file, tmp_path):
+  c = load_config('event_bert')
+  c.data.update(train_files=sessions_file, cache_dir=str(tmp_path), mask_rate=0.3)
+  c.model.max_len = 64
+  tok = data.build_tokenizer(c)
+  batch = next(iter(data.eval_batches(c, tok, split_name='train', max_batches=1)))
+  w = batch['mlm_weights'] > 0
+  rows = np.nonzero(w)[0]
+  ids = batch['input_ids'].copy()
+  ids[rows, batch['mlm_positions'][w]] = batch['mlm_targets'][w]  # before masking
+  real = batch['segment_ids'] > 0
+  is_text = ids >= tok.text_offset
+  np.testing.assert_array_equal(batch['token_type_ids'], (real & is_text).astype(np.int32))
+  assert (batch['mlm_targets'][w] >= tok.text_offset).all()  # only text tokens are predicted
+  assert (batch['token_type_ids'][rows, batch['mlm_positions'][w]] == 1).all()
+  is_event = (ids >= 5) & (ids < tok.text_offset)
+  assert is_event.any()
+  np.testing.assert_array_equal(batch['event_type'][is_event], ids[is_event] - 4)  # [E:t] -> t+1
+  assert (batch['event_type'][real & ~np.isin(ids, [tok.cls_id, tok.sep_id])] > 0).all()
+  assert (batch['event_type'][~real] == 0).all()
+  tok.save(str(tmp_path / 'tok'))
+  back = data.load_tokenizer(str(tmp_path / 'tok'))
+  assert back.fingerprint() == tok.fingerprint() and back.text_offset == tok.text_offset
+
+
+# ---------------------------------------------------------------- every config trains
+
+def _shrink(c):
+  c.model.update(num_layers=1, hidden_size=32, num_heads=2, intermediate_size=64,
+                 max_len=min(c.model.max_len, 32), scan_layers=False, dtype='float32')
+  c.train.update(steps=5, batch_size=8 * c.train.grad_accum_steps,  # micro-batches of 8
+                 log_every=5, eval_every=5, eval_steps=1, progress_bar=False)
+  c.optimizer.warmup_steps = 1
+  c.checkpoint.update(every=5, async_save=False)
+  c.data.update(num_workers=0, chunk_records=256)
+  return c
+
+
+def _smoke_configs(sessions):
+  shipped_vocab = dict(vocab_path='{assets}/shakespeare/vocab.txt', train_files=
+                       '{assets}/shakespeare/train.txt', eval_files='{assets}/shakespeare/valid.txt')
+  out = {}
+  out['quickstart'] = load_config('quickstart')
+  out['domainbert:tiny'] = load_config('domainbert', 'tiny')
+  out['domainbert'] = load_config('domainbert')
+  out['domainbert'].data.eval_fraction = 0.02  # the shipped 3.4k names: 0.1% is ~3 names
+  out['mini_bert'] = load_config('mini_bert')
+  out['event_bert'] = load_config('event_bert')
+  out['event_bert'].data.train_files = sessions
+  for name in ('bert_base', 'bert_large'):
+    c = load_config(name)
+    c.data.update(**shipped_vocab)
+    c.model.vocab_size = 2048
+    out[name] = c
+  return out
+
+
+def test_every_config_is_covered():
+  shipped = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, 'configs', '*.py'))}
+  covered = {name.split(':')[0] for name in _smoke_configs('x')}
+  assert shipped - {'__init__'} <= covered
+
+
+@pytest.mark.parametrize('name', ['quickstart', 'domainbert:tiny', 'domainbert', 'mini_bert',
+                                  'event_bert', 'bert_base', 'bert_large'])
+def test_config_trains_five_steps(name, sessions_file, tmp_path):
+  from mlm_jax import train
+  c = _shrink(_smoke_configs(sessions_file)[name])
+  c.data.cache_dir = str(tmp_path / 'cache')
+  workdir = str(tmp_path / 'run')
+  out = train.train_and_evaluate(c, workdir)
+  assert out['step'] == 5
+  assert math.isfinite(out['train/loss']) and math.isfinite(out['eval/loss'])
+  assert out['eval/masked_tokens'] > 0
+  # A 5-step model is still close to uniform over the vocabulary, not degenerate.
+  assert out['eval/loss'] < 1.5 * math.log(c.model.vocab_size)
+  tok = data.load_tokenizer(os.path.join(workdir, 'tokenizer'))
+  assert tok.vocab_size == c.model.vocab_size
+  saved = json.load(open(os.path.join(workdir, 'config.json')))
+  assert saved['model']['extra_embeddings'] == dict(c.model.extra_embeddings)
+  if name.startswith('domainbert'):
+    assert os.path.exists(os.path.join(workdir, 'tokenizer', domains.TLD_FILE))
