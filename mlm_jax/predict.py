@@ -109,12 +109,32 @@ class Predictor:
     ids.append(tok.sep_id)
     return np.asarray(ids, np.int32)
 
+  def domain_input(self, text: str) -> tuple[str, int]:
+    """A domain model reads the name left of the public suffix, and the suffix as its TLD id:
+    'exam[MASK]le.com' -> ('exam[MASK]le', id of 'com'), as in training (data.domain_part)."""
+    from mlm_jax.data import domains
+    probe = text.replace(MASK, 'a')  # any letter: only the suffix matters here
+    parts = domains.split_name(probe)
+    if parts is None:
+      raise ValueError(f'{text!r} is not a domain name with a known public suffix')
+    suffix = parts[1]
+    host = text[:len(text) - len(suffix) - 1]
+    model_text = domains.record_text(host, self.config['data'].get('domain_part', 'registrable'))
+    return model_text, int(self.tokenizer.tld_ids([suffix])[0])
+
   def batch(self, texts: list[str], features: dict[str, int] | None = None) -> dict:
     """One row per text, padded to the longest; the mask slots as mlm_positions."""
     features = dict(features or {})
     extra = dict(self.cfg.extra_embeddings)
     if unknown := set(features) - set(extra):
       raise ValueError(f'unknown --feature {sorted(unknown)}; this model has {sorted(extra) or "none"}')
+    per_row = [dict(features) for _ in texts]
+    if hasattr(self.tokenizer, 'tld_ids'):  # a domain model: the TLD comes from the name
+      texts = list(texts)
+      for r, text in enumerate(texts):
+        texts[r], tld = self.domain_input(text)
+        if 'tld' in extra and 'tld' not in features:
+          per_row[r]['tld'] = tld
     ids = [self.encode(t) for t in texts]
     max_len = self.cfg.max_len
     if too_long := [len(x) for x in ids if len(x) > max_len]:
@@ -132,13 +152,18 @@ class Predictor:
       segment_ids_BL[r, :len(x)] = 1
       positions_BL[r, :len(x)] = np.arange(len(x))
       mlm_positions_BP[r, :len(s)] = s
+    token_type_BL = np.zeros((b, l), np.int32)
+    type_V = getattr(self.tokenizer, 'token_type_V', None)
+    if type_V is not None:  # e.g. sessions: structural tokens 0, text tokens 1; masks are text
+      token_type_BL = np.where(input_ids_BL == self.tokenizer.mask_id, 1,
+                               type_V[input_ids_BL]).astype(np.int32) * (segment_ids_BL > 0)
     batch = {'input_ids': input_ids_BL, 'segment_ids': segment_ids_BL, 'positions': positions_BL,
-             'token_type_ids': np.zeros((b, l), np.int32), 'mlm_positions': mlm_positions_BP}
+             'token_type_ids': token_type_BL, 'mlm_positions': mlm_positions_BP}
     for name, size in extra.items():
-      value = features.get(name, 0)
-      if not 0 <= value < size:
-        raise ValueError(f'--feature {name}={value} is outside [0, {size})')
-      batch[name] = np.where(segment_ids_BL > 0, value, 0).astype(np.int32)
+      values = np.array([row.get(name, 0) for row in per_row], np.int32)
+      if bad := [v for v in values.tolist() if not 0 <= v < size]:
+        raise ValueError(f'--feature {name}={bad[0]} is outside [0, {size})')
+      batch[name] = np.where(segment_ids_BL > 0, values[:, None], 0).astype(np.int32)
     return batch, slots
 
   def logits(self, batch: dict) -> np.ndarray:

@@ -291,3 +291,20 @@ def test_config_trains_five_steps(name, sessions_file, tmp_path):
   assert saved['model']['extra_embeddings'] == dict(c.model.extra_embeddings)
   if name.startswith('domainbert'):
     assert os.path.exists(os.path.join(workdir, 'tokenizer', domains.TLD_FILE))
+
+
+def test_predict_reads_a_domain_like_training_does(domain_file, tmp_path):
+  """predict splits 'exam[MASK]le.com' into the label the model reads and the TLD id."""
+  from mlm_jax import model as model_lib
+  from mlm_jax import predict
+  path, _ = domain_file
+  c = domain_config(tmp_path, path)
+  predictor = predict.Predictor.__new__(predict.Predictor)  # no checkpoint needed for the input
+  predictor.config, predictor.tokenizer = c.to_dict(), data.build_tokenizer(c)
+  predictor.cfg = model_lib.BertConfig.from_config(c.model, 'float32')
+  batch, slots = predictor.batch(['exam[MASK]le.com', 'www.a[MASK].co.uk'])
+  tok = predictor.tokenizer
+  row0 = batch['input_ids'][0][batch['segment_ids'][0] > 0]
+  assert tok.decode(row0[1:-1]).replace(tok.decode([tok.mask_id]), '?') in ('exam?le', 'exam ? le')
+  assert batch['tld'][0, 0] == tok.tld_ids(['com'])[0] and batch['tld'][1, 0] == tok.tld_ids(['co.uk'])[0]
+  assert list(slots[0]) == [5]  # [CLS] e x a m [MASK]
