@@ -12,12 +12,13 @@ import sys
 import ml_collections
 from absl import app, flags, logging
 
+from mlm_jax.checkpoint import CheckpointError
 from mlm_jax.errors import ConfigError, DataError
 
 def load_run(workdir: str, step: int | None = None):
   """(config, tokenizer, trainer, params, step) of a run directory, params restored and verified."""
   from mlm_jax import checkpoint as ckpt
-  from mlm_jax import data, train
+  from mlm_jax import data, predict, train
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise DataError(f'{path}: not found; is {workdir!r} a training run directory?')
@@ -26,12 +27,9 @@ def load_run(workdir: str, step: int | None = None):
   config.model.dtype = 'float32'  # evaluation numbers in full precision, on any device
   tokenizer = data.load_tokenizer(os.path.join(workdir, 'tokenizer'))
   trainer = train.Trainer(config, workdir)
+  step = predict.choose_step(workdir, step)  # best by the run's own best_metric, else newest
   checkpointer = ckpt.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
   try:
-    if step is None:
-      step = checkpointer.best_step() or checkpointer.latest_step()
-    if step is None:
-      raise DataError(f'{workdir}/checkpoints: no checkpoint to evaluate')
     state, _ = checkpointer.restore(trainer.abstract_state, step=step)
   finally:
     checkpointer.close()
@@ -39,10 +37,12 @@ def load_run(workdir: str, step: int | None = None):
 
 
 def evaluate(workdir: str, files: str | None = None, step: int | None = None,
-             max_batches: int | None = None) -> dict:
+             max_batches: int | None = None, run=None) -> dict:
+  """`run`: what load_run(workdir, step) returned, if the caller has it already."""
   import jax
   from mlm_jax import data
-  config, tokenizer, trainer, params, step = load_run(workdir, step)
+  config, tokenizer, trainer, params, step = run or load_run(workdir, step)
+  config = config.copy_and_resolve_references()  # --files must not leak into the caller's config
   if files:
     if config.data.source == 'tfds':
       raise ConfigError('data.source', "--files needs a 'text' or 'jsonl' run")
@@ -79,7 +79,7 @@ def main(argv):
   f = flags.FLAGS
   try:
     r = evaluate(f.workdir, f.files, f.step, f.max_batches)
-  except (ConfigError, DataError) as e:
+  except (ConfigError, DataError, CheckpointError) as e:
     sys.exit(f'error: {e}')
   print(f"step {r['step']}: {r['masked_tokens']:.0f} masked tokens in {r['records']} records")
   print(f"RESULT loss={r['loss']:.6f} accuracy={r['accuracy']:.6f} "

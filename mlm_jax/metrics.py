@@ -24,7 +24,7 @@ class Accumulator:
 
   def reset(self):
     self.sums = {k: 0.0 for k in SUM_KEYS}
-    self.grad_norms, self.steps, self.nonfinite = [], 0, 0
+    self.grad_norms, self.steps = [], 0
     self.timed_steps, self.timed_tokens = 0, 0.0
     self.start = time.perf_counter()
     self.excluded = 0.0  # seconds spent compiling, evaluating or checkpointing: not training speed
@@ -45,7 +45,6 @@ class Accumulator:
     self.timed_tokens += float(m['tokens'])
     self.timed_steps += 1
     self.grad_norms.append(float(m['grad_norm']))
-    self.nonfinite += int(m['nonfinite'])
     self.steps += 1
 
   def summary(self, prefix='train'):

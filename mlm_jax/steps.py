@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mlm_jax import sharding as shd
 
 
-def init_state(graphdef, params, optimizer, seed: int):
+def init_state(params, optimizer, seed: int):
   return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': optimizer.init(params),
           'key': jax.random.key_data(jax.random.key(seed))}
 

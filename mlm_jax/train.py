@@ -42,16 +42,17 @@ def build_model(config, backend: str | None = None):
 class Trainer:
   """Holds the compiled steps, the sharded state and the input; `train_and_evaluate` drives it."""
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, workdir: str | None = None, devices=None):
+    """`devices`: the mesh's devices (default: all of them)."""
     self.config, self.workdir = config, workdir
-    self.mesh = shd.make_mesh(config)
+    self.mesh = shd.make_mesh(config, devices)
     self.graphdef, abstract_params, self.model_cfg = build_model(config)
     self.optimizer = optim.make_optimizer(config)
     self.schedule = optim.learning_rate_schedule(config)
 
     def init(key):
       model = model_lib.Bert(self.model_cfg, rngs=nnx.Rngs(params=key))
-      return steps.init_state(self.graphdef, nnx.state(model), self.optimizer, config.seed)
+      return steps.init_state(nnx.state(model), self.optimizer, config.seed)
 
     abstract_state = jax.eval_shape(init, jax.random.key(config.seed))
     self.state_shardings = shd.state_shardings(abstract_state, self.mesh)
@@ -129,7 +130,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   tokenizer = data.build_tokenizer(config)  # checks model.vocab_size against the vocabulary
   trainer = Trainer(config, workdir)  # checks the mesh against the devices
   os.makedirs(workdir, exist_ok=True)  # only now: a rejected config writes nothing
-  t, m = config.train, config.model
+  t = config.train
   resolved = config.to_dict()
   resolved['model']['dtype'] = trainer.model_cfg.dtype
   if is_main:

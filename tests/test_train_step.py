@@ -23,17 +23,15 @@ def tiny_config(**overrides):
 
 
 def make_trainer(config, devices=None):
-  trainer = train.Trainer.__new__(train.Trainer)
-  if devices is not None:  # a mesh over a subset of devices (e.g. 1 vs 8)
-    orig = shd.make_mesh
-    shd.make_mesh = lambda c: orig(c, devices)
-    try:
-      train.Trainer.__init__(trainer, config, workdir=None)
-    finally:
-      shd.make_mesh = orig
-  else:
-    train.Trainer.__init__(trainer, config, workdir=None)
-  return trainer
+  return train.Trainer(config, devices=devices)
+
+
+def fresh(config):
+  """(trainer, initial state, one compiled-for batch) for tests that probe a single step."""
+  trainer = make_trainer(config)
+  batch = batches(config, 1)[0]
+  trainer.compile_steps(batch.keys())
+  return trainer, trainer.init_state(), batch
 
 
 def batches(config, n, seed=0):
@@ -72,10 +70,7 @@ def loss_of(trainer, state, batch):
 
 def test_only_masked_slots_affect_the_loss():
   config = tiny_config()
-  trainer = make_trainer(config)
-  state = trainer.init_state()
-  batch = batches(config, 1)[0]
-  trainer.compile_steps(batch.keys())
+  trainer, state, batch = fresh(config)
   base = loss_of(trainer, state, batch)
   unused = batch['mlm_weights'] == 0
   assert unused.any()
@@ -88,10 +83,7 @@ def test_only_masked_slots_affect_the_loss():
 
 def test_padding_rows_do_not_change_the_loss_or_produce_nans():
   config = tiny_config()
-  trainer = make_trainer(config)
-  state = trainer.init_state()
-  batch = batches(config, 1)[0]
-  trainer.compile_steps(batch.keys())
+  trainer, state, batch = fresh(config)
   padded = {k: v.copy() for k, v in batch.items()}
   padded['segment_ids'][:, 20:] = 0  # the tail of every row is padding
   padded['input_ids'][:, 20:] = 0
@@ -107,11 +99,8 @@ def test_padding_rows_do_not_change_the_loss_or_produce_nans():
 
 def test_packed_segments_do_not_attend_to_each_other():
   config = tiny_config()
-  trainer = make_trainer(config)
-  state = trainer.init_state()
-  batch = batches(config, 1)[0]
+  trainer, state, batch = fresh(config)
   batch['segment_ids'][:, 16:] = 2  # two records per row
-  trainer.compile_steps(batch.keys())
   first = dict(batch, mlm_weights=np.where(batch['mlm_positions'] < 16, batch['mlm_weights'], 0)
                .astype(np.float32))
   other = dict(first, input_ids=batch['input_ids'].copy())
@@ -197,10 +186,7 @@ def test_remat_and_scan_do_not_change_the_numbers(variant):
 
 def test_nonfinite_update_is_never_applied():
   c = tiny_config()
-  trainer = make_trainer(c)
-  state = trainer.init_state()
-  batch = batches(c, 1)[0]
-  trainer.compile_steps(batch.keys())
+  trainer, state, batch = fresh(c)
   before = jax.tree.map(np.asarray, state['params'])
   bad = dict(batch, mlm_weights=np.full_like(batch['mlm_weights'], np.nan))
   state, m = trainer.train_step(state, bad)

@@ -224,7 +224,7 @@ def import_hf(hf_dir: str, workdir: str, base_config, max_len: int | None = None
 
   graphdef, abstract, cfg = train.build_model(config)
   nnx.replace_by_pure_dict(abstract, jax.tree.map(jax.numpy.asarray, params))
-  state = steps.init_state(graphdef, abstract, optim.make_optimizer(config), config.seed)
+  state = steps.init_state(abstract, optim.make_optimizer(config), config.seed)
   resolved = config.to_dict()
   resolved['model']['dtype'] = cfg.dtype
   _write_json(os.path.join(workdir, 'config.json'), resolved)

@@ -74,8 +74,10 @@ def score(config, tokenizer, unigram_V, bigram_VV, max_batches):
 
 def main(argv):
   del argv
-  config, tokenizer, _, _, step = evaluate_lib.load_run(_WORKDIR.value)
-  model = evaluate_lib.evaluate(_WORKDIR.value, _EVAL_FILES.value, max_batches=_MAX_BATCHES.value)
+  run = evaluate_lib.load_run(_WORKDIR.value)
+  config, tokenizer, _, _, step = run
+  model = evaluate_lib.evaluate(_WORKDIR.value, _EVAL_FILES.value, max_batches=_MAX_BATCHES.value,
+                                run=run)
   if _EVAL_FILES.value:
     config.data.eval_files = _EVAL_FILES.value
   unigram, bigram = count(config, tokenizer, _MAX_TRAIN_BATCHES.value)
