@@ -38,7 +38,8 @@ _RESERVED_META = ('versions', 'state_sha256', 'checkpoint_info')
 # Config fields (fnmatch patterns over dotted paths) whose change breaks bitwise-exact resume:
 # parameter shapes/dtypes, every source of randomness or data order, and the update rule.
 EXACTNESS_BREAKING = ('model.*', 'seed', 'data.*', 'optimizer.*', 'train.batch_size',
-                      'train.grad_accum_steps', 'train.steps', 'train.overfit_one_batch')
+                      'train.grad_accum_steps', 'train.steps', 'train.overfit_one_batch',
+                      'sharding.fixed_order_reduction')
 # More specific patterns that stay free although a pattern above matches them. Eval fields of
 # `data` are not here: empty eval files/split mean "carve eval out of train", which changes train.
 # The pipeline's output does not depend on its worker count or buffer sizes (tests/test_resume.py).

@@ -30,10 +30,24 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+  """optax.clip_by_global_norm (same formula), but it takes the norm the train step has already
+  computed (`grad_norm=` extra argument): computed once per step, in fixed order when asked."""
+
+  def update(updates, state, params=None, *, grad_norm=None, **extra_args):
+    del params, extra_args
+    norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
+    keep = norm < max_norm
+    return jax.tree.map(lambda t: jax.lax.select(keep, t, (t / norm.astype(t.dtype)) * max_norm),
+                        updates), state
+
+  return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
   o = config.optimizer
   adamw = optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
                       weight_decay=o.weight_decay, mask=decay_mask)
   if o.clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw)
+    return optax.chain(clip_by_global_norm(o.clip_norm), adamw)
   return adamw

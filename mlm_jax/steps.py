@@ -28,17 +28,10 @@ def _mlm_sums(graphdef, params, batch, dropout_key):
   return jnp.sum(ce_BP * weights_BP), jnp.sum(correct_BP * weights_BP)
 
 
-def train_step(state, batch, *, graphdef, optimizer, schedule, grad_accum_steps: int,
+def _gradients(params, batch, step_key, denominator, *, graphdef, grad_accum_steps: int,
                use_dropout: bool, mesh=None):
-  """One optimizer step over the global batch, as `grad_accum_steps` micro-batches in a lax.scan.
-
-  The loss is Σ(weight·CE) / Σweight over the WHOLE global batch, so accumulation, device count and
-  process count do not change the gradient (up to float summation order).
-  """
-  params = state['params']
-  weight_sum = jnp.sum(batch['mlm_weights'])
-  denominator = jnp.maximum(weight_sum, 1.0)
-  step_key = jax.random.fold_in(jax.random.wrap_key_data(state['key']), state['step'])
+  """(grads, loss_sum, correct_sum) of Σ(weight·CE)/denominator over `batch`, accumulated over
+  `grad_accum_steps` micro-batches in a lax.scan. Dropout keys: fold_in(step_key, micro-batch)."""
 
   def micro_loss(params, micro, i):
     key = jax.random.fold_in(step_key, i) if use_dropout else None
@@ -48,30 +41,86 @@ def train_step(state, batch, *, graphdef, optimizer, schedule, grad_accum_steps:
   grad_fn = jax.grad(micro_loss, has_aux=True)
   if grad_accum_steps == 1:
     grads, (loss_sum, correct_sum) = grad_fn(params, batch, 0)
+    return grads, loss_sum, correct_sum
+  a = grad_accum_steps
+
+  def split(x):
+    # Row r goes to micro-batch r % a, so each micro-batch stays spread over every device.
+    x = x.reshape(x.shape[0] // a, a, *x.shape[1:]).swapaxes(0, 1)
+    if mesh is not None:
+      x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, shd.BATCH_AXES)))
+    return x
+
+  def body(carry, inputs):
+    grads_acc, loss_acc, correct_acc = carry
+    micro, i = inputs
+    grads, (loss_sum, correct_sum) = grad_fn(params, micro, i)
+    return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss_sum,
+            correct_acc + correct_sum), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (grads, loss_sum, correct_sum), _ = jax.lax.scan(
+      body, (zeros, 0.0, 0.0), (jax.tree.map(split, batch), jnp.arange(a)))
+  return grads, loss_sum, correct_sum
+
+
+def _ordered_sum(x, n: int):
+  """Σ over the devices of `x` (this device's partial), added in device order: an all-to-all gives
+  each device one 1/n slice of every device's partial, the device adds those n rows, and an
+  all-gather reassembles the slices. Pure data movement plus a local reduction, so the bits do not
+  depend on the collective library (gloo across processes vs in-process) or the process layout;
+  same traffic as a ring all-reduce."""
+  flat = x.reshape(-1)
+  m = -(-flat.size // n)
+  parts_NM = jnp.pad(flat, (0, n * m - flat.size)).reshape(n, m)
+  received_NM = jax.lax.all_to_all(parts_NM, shd.BATCH_AXES, 0, 0)  # row j: device j's slice
+  summed_M = jnp.sum(received_NM, axis=0)
+  whole = jax.lax.all_gather(summed_M, shd.BATCH_AXES, tiled=True)
+  return whole[:flat.size].reshape(x.shape)
+
+
+def _ordered_scalar_sums(*xs):
+  gathered_NK = jax.lax.all_gather(jnp.stack(xs), shd.BATCH_AXES)
+  return tuple(jnp.sum(gathered_NK, axis=0))
+
+
+def _fixed_order_gradients(params, batch, step_key, denominator, *, mesh, **kw):
+  """`_gradients` per device (its own rows, dropout keyed by its index), then every sum across
+  devices in a fixed order: bitwise the same for 1 process x 4 devices and 2 processes x 2 devices."""
+  n = mesh.size
+
+  def local(params, batch):
+    device_key = jax.random.fold_in(step_key, jax.lax.axis_index(shd.BATCH_AXES))
+    grads, loss_sum, correct_sum = _gradients(params, batch, device_key, denominator, **kw)
+    grads = jax.tree.map(lambda g: _ordered_sum(g, n), grads)
+    loss_sum, correct_sum = _ordered_scalar_sums(loss_sum, correct_sum)
+    return grads, loss_sum, correct_sum, optax.tree.norm(grads)  # norm of replicated values: local
+
+  # check_vma=False: the outputs are replicated by construction (all-gathers), and the scan carry
+  # in `_gradients` starts from replicated zeros.
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(shd.BATCH_AXES)),
+                       out_specs=(P(), P(), P(), P()), check_vma=False)(params, batch)
+
+
+def train_step(state, batch, *, graphdef, optimizer, schedule, grad_accum_steps: int,
+               use_dropout: bool, mesh=None, fixed_order: bool = False):
+  """One optimizer step over the global batch, as `grad_accum_steps` micro-batches in a lax.scan.
+
+  The loss is Σ(weight·CE) / Σweight over the WHOLE global batch, so accumulation, device count and
+  process count do not change the gradient (up to float summation order; `fixed_order` fixes that
+  order too, see config sharding.fixed_order_reduction).
+  """
+  params = state['params']
+  weight_sum = jnp.sum(batch['mlm_weights'])  # 0/1 weights: exact in any order
+  denominator = jnp.maximum(weight_sum, 1.0)
+  step_key = jax.random.fold_in(jax.random.wrap_key_data(state['key']), state['step'])
+  kw = dict(graphdef=graphdef, grad_accum_steps=grad_accum_steps, use_dropout=use_dropout)
+  if fixed_order:
+    grads, loss_sum, correct_sum, grad_norm = _fixed_order_gradients(
+        params, batch, step_key, denominator, mesh=mesh, **kw)
   else:
-    a = grad_accum_steps
-
-    def split(x):
-      # Row r goes to micro-batch r % a, so each micro-batch stays spread over every device.
-      x = x.reshape(x.shape[0] // a, a, *x.shape[1:]).swapaxes(0, 1)
-      if mesh is not None:
-        x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, shd.BATCH_AXES)))
-      return x
-
-    micro_batches = jax.tree.map(split, batch)
-
-    def body(carry, inputs):
-      grads_acc, loss_acc, correct_acc = carry
-      micro, i = inputs
-      grads, (loss_sum, correct_sum) = grad_fn(params, micro, i)
-      return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss_sum,
-              correct_acc + correct_sum), None
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (grads, loss_sum, correct_sum), _ = jax.lax.scan(
-        body, (zeros, 0.0, 0.0), (micro_batches, jnp.arange(a)))
-
-  grad_norm = optax.tree.norm(grads)
+    grads, loss_sum, correct_sum = _gradients(params, batch, step_key, denominator, mesh=mesh, **kw)
+    grad_norm = optax.tree.norm(grads)
   count = optax.tree_utils.tree_get(state['opt_state'], 'count', filtering=_is_schedule_count)
   # A non-finite loss or gradient never reaches the parameters: the update is skipped here and the
   # host decides (config train.nonfinite) whether to halt or go on. A lax.cond rather than
@@ -80,7 +129,8 @@ def train_step(state, batch, *, graphdef, optimizer, schedule, grad_accum_steps:
   finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
 
   def update(params, opt_state):
-    updates, opt_state = optimizer.update(grads, opt_state, params)
+    # Clipping takes the norm computed above (once per step, and in fixed order when asked).
+    updates, opt_state = optimizer.update(grads, opt_state, params, grad_norm=grad_norm)
     return optax.apply_updates(params, updates), opt_state
 
   new_params, new_opt_state = jax.lax.cond(finite, update, lambda p, o: (p, o), params,
@@ -98,8 +148,14 @@ def _is_schedule_count(path, value):
   return getattr(path[-1], 'tuple_name', None) == 'ScaleByScheduleState'
 
 
-def eval_step(params, batch, *, graphdef):
-  loss_sum, correct_sum = _mlm_sums(graphdef, params, batch, None)
+def eval_step(params, batch, *, graphdef, mesh=None, fixed_order: bool = False):
+  if fixed_order:
+    def local(params, batch):
+      return _ordered_scalar_sums(*_mlm_sums(graphdef, params, batch, None))
+    loss_sum, correct_sum = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(shd.BATCH_AXES)),
+                                          out_specs=(P(), P()), check_vma=False)(params, batch)
+  else:
+    loss_sum, correct_sum = _mlm_sums(graphdef, params, batch, None)
   return {'loss_sum': loss_sum, 'correct_sum': correct_sum,
           'weight_sum': jnp.sum(batch['mlm_weights'])}
 
@@ -108,14 +164,15 @@ def jit_train_step(graphdef, optimizer, schedule, config, mesh, state_shardings,
   step = functools.partial(
       train_step, graphdef=graphdef, optimizer=optimizer, schedule=schedule,
       grad_accum_steps=config.train.grad_accum_steps,
-      use_dropout=config.model.dropout > 0 or config.model.attention_dropout > 0, mesh=mesh)
+      use_dropout=config.model.dropout > 0 or config.model.attention_dropout > 0, mesh=mesh,
+      fixed_order=config.sharding.fixed_order_reduction)
   batch_shardings = {k: shd.batch_sharding(mesh) for k in batch_keys}
   return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
                  out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=0)
 
 
-def jit_eval_step(graphdef, mesh, params_shardings, batch_keys):
+def jit_eval_step(graphdef, mesh, params_shardings, batch_keys, fixed_order: bool = False):
   batch_shardings = {k: shd.batch_sharding(mesh) for k in batch_keys}
-  return jax.jit(functools.partial(eval_step, graphdef=graphdef),
+  return jax.jit(functools.partial(eval_step, graphdef=graphdef, mesh=mesh, fixed_order=fixed_order),
                  in_shardings=(params_shardings, batch_shardings),
                  out_shardings=shd.replicated(mesh))

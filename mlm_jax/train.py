@@ -74,7 +74,7 @@ class Trainer:
         self.graphdef, self.optimizer, self.schedule, self.config, self.mesh, self.state_shardings,
         self.batch_keys)
     self._eval_step = steps.jit_eval_step(self.graphdef, self.mesh, self.state_shardings['params'],
-                                          self.batch_keys)
+                                          self.batch_keys, self.config.sharding.fixed_order_reduction)
 
   def train_step(self, state, local_batch):
     return self._train_step(state, shd.global_batch(local_batch, self.mesh))
