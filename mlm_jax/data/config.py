@@ -68,7 +68,9 @@ def defaults() -> ml_collections.ConfigDict:
   d.long_records = 'window'
   # Pack several records into one row (segment_ids tell them apart); False pads each record to max_len.
   d.packing = True
-  # Prediction slots per row (P). 0 = auto: ceil(mask_rate * max_len) plus a margin, rounded up to 8.
+  # Prediction slots per row (P): the MLM head runs on these only. 0 = auto: ceil(mask_rate * max_len)
+  # + 1 + max_len // 64, rounded up to 4 (24 at L=128, where text rows had at most 20). Rows with more
+  # chosen tokens keep the extra ones unmasked and count them in data stats 'masked_over_cap'.
   d.max_predictions = 0
   # Fraction of maskable tokens chosen for prediction.
   d.mask_rate = 0.15
@@ -124,8 +126,8 @@ def max_predictions(config) -> int:
   d, max_len = config.data, config.model.max_len
   if d.max_predictions:
     return int(d.max_predictions)
-  p = math.ceil(d.mask_rate * max_len) + 2 + max_len // 32
-  return min(max_len, -(-p // 8) * 8)
+  p = math.ceil(d.mask_rate * max_len) + 1 + max_len // 64
+  return min(max_len, -(-p // 4) * 4)
 
 
 def _check(ok, field, message):

@@ -21,7 +21,9 @@ CHUNK_COUNTERS = (
 OTHER_COUNTERS = ('empty_lines', 'rows', 'real_tokens', 'slots')
 _BAD = ('invalid_utf8_records', 'nul_bytes', 'empty_records', 'unk_tokens', 'bad_feature_records',
         'masked_over_cap', 'empty_lines', 'invalid_records')
-_NOTE = ('long_records',)  # expected in real corpora: logged at INFO
+_NOTE = ('long_records',)
+_HINTS = {'masked_over_cap': ' (rows with more chosen tokens than data.max_predictions slots; a few '
+                             'per million are harmless, more: raise data.max_predictions)'}  # expected in real corpora: logged at INFO
 
 
 def chunk_vector(counts: dict) -> np.ndarray:
@@ -49,7 +51,7 @@ class Stats:
       if self.counts[k] and k not in self._warned:  # once per counter; totals come with log()
         self._warned.add(k)
         logging.log(logging.WARNING if k in _BAD else logging.INFO,
-                    'data/%s: %s: %d so far', self.name, k, self.counts[k])
+                    'data/%s: %s: %d so far%s', self.name, k, self.counts[k], _HINTS.get(k, ''))
 
   @property
   def padding_fraction(self) -> float:
