@@ -110,6 +110,60 @@ class Embeddings(nnx.Module):
     return _dropout(x_BLH, self.dropout, dropout_key)
 
 
+def _backend() -> str:
+  return jax.default_backend()
+
+
+@jax.custom_vjp
+def _cpu_dense(x_MK, kernel_KN, bias_N):
+  return x_MK @ kernel_KN + bias_N
+
+
+def _cpu_dense_fwd(x_MK, kernel_KN, bias_N):
+  return _cpu_dense(x_MK, kernel_KN, bias_N), (x_MK, kernel_KN)
+
+
+def _cpu_dense_bwd(residuals, dy_MN):
+  x_MK, kernel_KN = residuals
+  # XLA:CPU's matmul is ~20% slower when it reads the left operand transposed (x.T @ dy, the
+  # weight gradient); materializing x.T first (a copy of the activations, small next to the
+  # matmul) and stopping XLA from folding it back in is faster. The bias gradient as a matvec:
+  # XLA:CPU's column reduction is slower still.
+  x_KM = jax.lax.optimization_barrier(x_MK.T)
+  return dy_MN @ kernel_KN.T, x_KM @ dy_MN, jnp.ones((dy_MN.shape[0],), dy_MN.dtype) @ dy_MN
+
+
+_cpu_dense.defvjp(_cpu_dense_fwd, _cpu_dense_bwd)
+
+
+def dense(layer: nnx.Linear, x):
+  """`layer(x)`; on CPU through `_cpu_dense`, whose backward pass suits XLA:CPU's matmuls. Same
+  parameters (the layer's own kernel and bias) and the same values up to float summation order."""
+  if _backend() != 'cpu' or layer.bias is None:
+    return layer(x)
+  dtype = layer.dtype or x.dtype
+  kernel, bias = layer.kernel[...].astype(dtype), layer.bias[...].astype(dtype)
+  y = _cpu_dense(x.astype(dtype).reshape(-1, x.shape[-1]), kernel, bias)
+  return y.reshape(*x.shape[:-1], kernel.shape[-1])
+
+
+def _fused_attention(q_BLND, k_BLND, v_BLND, mask_B1LL, impl: str):
+  """jax.nn.dot_product_attention. 'auto': cuDNN's fused (flash) kernel on GPU for 16-bit inputs,
+  which is what it supports (the segment mask goes in as its additive bias, broadcast over heads);
+  XLA anywhere else, and also on GPU when cuDNN refuses the shapes at trace time (no cuDNN, an
+  unsupported head size or GPU), so 'auto' never fails where 'xla' would work."""
+  call = lambda implementation: jax.nn.dot_product_attention(
+      q_BLND, k_BLND, v_BLND, mask=mask_B1LL, implementation=implementation)
+  if impl != 'auto':
+    return call(impl)
+  if _backend() == 'gpu' and q_BLND.dtype in (jnp.bfloat16, jnp.float16):
+    try:
+      return call('cudnn')
+    except (ValueError, NotImplementedError, RuntimeError):
+      pass
+  return call('xla')
+
+
 class EncoderBlock(nnx.Module):
   """Self-attention and feed-forward, each with a residual connection and LayerNorm."""
 
@@ -129,7 +183,7 @@ class EncoderBlock(nnx.Module):
     cfg = self.cfg
     b, l, h = x_BLH.shape
     n = cfg.num_heads
-    qkv_BL3ND = self.qkv(x_BLH).reshape(b, l, 3, n, h // n)
+    qkv_BL3ND = dense(self.qkv, x_BLH).reshape(b, l, 3, n, h // n)
     q_BLND, k_BLND, v_BLND = qkv_BL3ND[:, :, 0], qkv_BL3ND[:, :, 1], qkv_BL3ND[:, :, 2]
     if cfg.attention_dropout > 0.0 and key is not None:
       # The fused kernels have no dropout; compute the probabilities explicitly.
@@ -139,20 +193,18 @@ class EncoderBlock(nnx.Module):
       probs_BNLL = _dropout(probs_BNLL, cfg.attention_dropout, key)
       out_BLND = jnp.einsum('bnlm,bmnd->blnd', probs_BNLL, v_BLND)
     else:
-      impl = None if cfg.attention_impl == 'auto' else cfg.attention_impl
-      out_BLND = jax.nn.dot_product_attention(q_BLND, k_BLND, v_BLND, mask=mask_B1LL,
-                                              implementation=impl)
-    return self.attn_out(out_BLND.reshape(b, l, h))
+      out_BLND = _fused_attention(q_BLND, k_BLND, v_BLND, mask_B1LL, cfg.attention_impl)
+    return dense(self.attn_out, out_BLND.reshape(b, l, h))
 
   def __call__(self, x_BLH, mask_B1LL, key):
     keys = jax.random.split(key, 3) if key is not None else (None,) * 3
     rate = self.cfg.dropout
     if self.cfg.layer_norm == 'pre':
       x_BLH = x_BLH + _dropout(self.attention(self.attn_norm(x_BLH), mask_B1LL, keys[0]), rate, keys[1])
-      ff_BLH = self.ff_out(jax.nn.gelu(self.ff_in(self.ff_norm(x_BLH)), approximate=False))
+      ff_BLH = dense(self.ff_out, jax.nn.gelu(dense(self.ff_in, self.ff_norm(x_BLH)), approximate=False))
       return x_BLH + _dropout(ff_BLH, rate, keys[2])
     x_BLH = self.attn_norm(x_BLH + _dropout(self.attention(x_BLH, mask_B1LL, keys[0]), rate, keys[1]))
-    ff_BLH = self.ff_out(jax.nn.gelu(self.ff_in(x_BLH), approximate=False))
+    ff_BLH = dense(self.ff_out, jax.nn.gelu(dense(self.ff_in, x_BLH), approximate=False))
     return self.ff_norm(x_BLH + _dropout(ff_BLH, rate, keys[2]))
 
 
@@ -192,7 +244,7 @@ class MlmHead(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((cfg.vocab_size,), jnp.dtype(cfg.param_dtype)))
 
   def __call__(self, x_BPH, word: nnx.Embed):
-    x_BPH = self.norm(jax.nn.gelu(self.dense(x_BPH), approximate=False))
+    x_BPH = self.norm(jax.nn.gelu(dense(self.dense, x_BPH), approximate=False))
     logits_BPV = word.attend(x_BPH)
     return _add_vocab_bias(logits_BPV.astype(jnp.float32), self.bias[...].astype(jnp.float32))
 

@@ -26,6 +26,19 @@ def test_benchmark_runs_the_train_step_on_a_tiny_config():
   assert re.search(r'compile_s=[0-9.]+', out) and re.search(r'peak_rss_mb=\d+', out)
 
 
+def test_profile_step_lists_the_step_s_ops(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  out = subprocess.run(
+      [sys.executable, os.path.join(_REPO, 'tools', 'profile_step.py'), '--layers', '1', '--hidden',
+       '32', '--heads', '2', '--intermediate', '64', '--vocab', '97', '--seq', '32', '--batch', '4',
+       '--steps', '2', '--top', '5', '--no_launch', f'--trace_dir={tmp_path}'],
+      env=env, capture_output=True, text=True, timeout=180, check=True).stdout
+  assert re.search(r'^step \(device time\): [0-9.]+ ms', out, re.M)
+  rows = re.findall(r'^\s+[0-9.]+\s+(\S+)\s+\S+.*jit\(train_step\)', out, re.M)
+  assert len(rows) == 5  # the top ops, each traced back to the train step's JAX code
+  assert 'matmul (ynn_fusion)' in out
+
+
 def test_compare_skips_cleanly_without_the_reference(tmp_path):
   out = subprocess.run(
       [sys.executable, os.path.join(_REPO, 'tools', 'benchmark.py'), '--compare',
