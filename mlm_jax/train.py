@@ -47,6 +47,10 @@ class Trainer:
     self.config, self.workdir = config, workdir
     self.mesh = shd.make_mesh(config, devices)
     self.graphdef, abstract_params, self.model_cfg = build_model(config)
+    if config.model.remat_policy != 'none' and not config.model.scan_layers:
+      logging.warning('model.remat_policy=%s without model.scan_layers=True: XLA may schedule the '
+                      'recomputation early and save little memory (on CPU ~5%%, with scan 65-75%%)',
+                      config.model.remat_policy)
     self.optimizer = optim.make_optimizer(config)
     self.schedule = optim.learning_rate_schedule(config)
 
