@@ -1,7 +1,8 @@
 """The pure, jitted train and eval steps.
 
 State is a dict pytree: {'step', 'params' (nnx.State), 'opt_state', 'key' (uint32 key data)}.
-Randomness is a pure function of (key, step, micro-batch), so a resumed run draws the same dropout.
+Randomness is a pure function of (key, step, micro-batch) (and of the device index with
+sharding.fixed_order_reduction), so a resumed run draws the same dropout.
 """
 import functools
 
