@@ -49,8 +49,13 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  argv = sys.argv
-  count = next((a.split('=', 1)[1] for a in argv if a.startswith('--devices=')), '8')
+  # The fake device count must be in XLA_FLAGS before jax is imported, so read --devices here.
+  argv, count = sys.argv, '8'
+  for i, a in enumerate(argv):
+    if a.startswith('--devices='):
+      count = a.split('=', 1)[1]
+    elif a == '--devices' and i + 1 < len(argv):
+      count = argv[i + 1]
   os.environ['JAX_PLATFORMS'] = 'cpu'  # before jax is imported
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
                              + f' --xla_force_host_platform_device_count={count}')
