@@ -60,16 +60,15 @@ def _keep_mask(key, shape, rate):
   in the row), so the mask does not depend on how the array is sharded, like jax.random's.
   """
   *lead, n = shape
-  q = -(-n // 4)
-  counter_shape = (*lead, q)
-  row = jax.lax.broadcasted_iota(jnp.uint32, counter_shape, 0) if lead else jnp.uint32(0)
-  offset = jnp.zeros(counter_shape, jnp.uint32)
-  stride = 1
+  counter_shape = (*lead, -(-n // 4))
+  # Two 32-bit counter words: the batch row, and the offset within the row (row-major).
+  row = jax.lax.broadcasted_iota(jnp.uint32, counter_shape, 0) if lead else jnp.zeros((), jnp.uint32)
+  offset, stride = jnp.zeros(counter_shape, jnp.uint32), 1
   for d in reversed(range(1 if lead else 0, len(counter_shape))):
     offset = offset + jax.lax.broadcasted_iota(jnp.uint32, counter_shape, d) * jnp.uint32(stride)
     stride *= counter_shape[d]
   k = jax.random.key_data(key)
-  hi, lo = threefry2x32_p.bind(k[0], k[1], row + jnp.zeros_like(offset), offset)
+  hi, lo = threefry2x32_p.bind(k[0], k[1], jnp.broadcast_to(row, counter_shape), offset)
   threshold = jnp.uint32(round(rate * 65536))
   lanes = (hi >> 16, hi & 0xFFFF, lo >> 16, lo & 0xFFFF)
   return jnp.concatenate([lane >= threshold for lane in lanes], axis=-1)[..., :n]
@@ -133,10 +132,9 @@ def _cpu_dense_bwd(residuals, dy_MN):
   x_MK, kernel_KN = residuals
   # XLA:CPU's matmul is ~20% slower when it reads the left operand transposed (x.T @ dy, the
   # weight gradient); materializing x.T first (a copy of the activations, small next to the
-  # matmul) and stopping XLA from folding it back in is faster. The bias gradient as a matvec:
-  # XLA:CPU's column reduction is slower still.
+  # matmul) and stopping XLA from folding it back in is faster.
   x_KM = jax.lax.optimization_barrier(x_MK.T)
-  return dy_MN @ kernel_KN.T, x_KM @ dy_MN, jnp.ones((dy_MN.shape[0],), dy_MN.dtype) @ dy_MN
+  return dy_MN @ kernel_KN.T, x_KM @ dy_MN, _sum_rows(dy_MN)
 
 
 _cpu_dense.defvjp(_cpu_dense_fwd, _cpu_dense_bwd)

@@ -90,6 +90,14 @@ def _ordered_scalar_sums(*xs):
   return tuple(jnp.sum(gathered_NK, axis=0))
 
 
+def _per_device(local, mesh, num_outputs: int):
+  """`local(params, batch)` on each device's own rows, parameters replicated. Its outputs must be
+  replicated by construction (all-gathers); check_vma=False because the accumulation scan's carry
+  starts from replicated zeros, which the check cannot follow."""
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(shd.BATCH_AXES)),
+                       out_specs=(P(),) * num_outputs, check_vma=False)
+
+
 def _fixed_order_gradients(params, batch, step_key, denominator, *, mesh, **kw):
   """`_gradients` per device (its own rows, dropout keyed by its index), then every sum across
   devices in a fixed order: bitwise the same for 1 process x 4 devices and 2 processes x 2 devices."""
@@ -102,10 +110,7 @@ def _fixed_order_gradients(params, batch, step_key, denominator, *, mesh, **kw):
     loss_sum, correct_sum = _ordered_scalar_sums(loss_sum, correct_sum)
     return grads, loss_sum, correct_sum, optax.tree.norm(grads)  # norm of replicated values: local
 
-  # check_vma=False: the outputs are replicated by construction (all-gathers), and the scan carry
-  # in `_gradients` starts from replicated zeros.
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(shd.BATCH_AXES)),
-                       out_specs=(P(), P(), P(), P()), check_vma=False)(params, batch)
+  return _per_device(local, mesh, 4)(params, batch)
 
 
 def train_step(state, batch, *, graphdef, optimizer, schedule, grad_accum_steps: int,
@@ -158,8 +163,7 @@ def eval_step(params, batch, *, graphdef, mesh=None, fixed_order: bool = False):
   if fixed_order:
     def local(params, batch):
       return _ordered_scalar_sums(*_mlm_sums(graphdef, params, batch, None))
-    loss_sum, correct_sum = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(shd.BATCH_AXES)),
-                                          out_specs=(P(), P()), check_vma=False)(params, batch)
+    loss_sum, correct_sum = _per_device(local, mesh, 2)(params, batch)
   else:
     loss_sum, correct_sum = _mlm_sums(graphdef, params, batch, None)
   return {'loss_sum': loss_sum, 'correct_sum': correct_sum,

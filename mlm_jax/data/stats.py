@@ -21,9 +21,9 @@ CHUNK_COUNTERS = (
 OTHER_COUNTERS = ('empty_lines', 'rows', 'real_tokens', 'slots')
 _BAD = ('invalid_utf8_records', 'nul_bytes', 'empty_records', 'unk_tokens', 'bad_feature_records',
         'masked_over_cap', 'empty_lines', 'invalid_records')
-_NOTE = ('long_records',)
+_NOTE = ('long_records',)  # expected in real corpora: logged at INFO
 _HINTS = {'masked_over_cap': ' (rows with more chosen tokens than data.max_predictions slots; a few '
-                             'per million are harmless, more: raise data.max_predictions)'}  # expected in real corpora: logged at INFO
+                             'per million are harmless, more: raise data.max_predictions)'}
 
 
 def chunk_vector(counts: dict) -> np.ndarray:
