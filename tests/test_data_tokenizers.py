@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from mlm_jax.data import config as data_config
-from mlm_jax.data import tokenizers
+from mlm_jax.data import registry, tokenizers
 from mlm_jax.errors import DataError
 
 VOCAB = data_config.expand_path('{assets}/shakespeare/vocab.txt')
@@ -59,7 +59,7 @@ def test_char_tokenizer_case_sensitive_when_asked():
 def test_save_and_load(tmp_path, make):
   tok = make()
   tok.save(str(tmp_path))
-  back = tokenizers.load_tokenizer(str(tmp_path))
+  back = registry.load_tokenizer(str(tmp_path))
   assert type(back) is type(tok) and back.vocab_size == tok.vocab_size
   text = ['xy-z zz', 'hello there']
   for x, y in zip(tok.encode_batch(text), back.encode_batch(text)):

@@ -22,9 +22,9 @@ import re
 import numpy as np
 from absl import logging
 
-from mlm_jax.data import filereader, textindex
 from mlm_jax.data import config as data_config
-from mlm_jax.data.tokenizers import CharTokenizer
+from mlm_jax.data import filereader, sources, textindex
+from mlm_jax.data.tokenizers import CharTokenizer, write_meta
 from mlm_jax.errors import ConfigError, DataError
 
 ALPHABET = data_config.DOMAIN_ALPHABET  # a-z 0-9 '-' '.'
@@ -159,7 +159,6 @@ class DomainSource:
     return out
 
   def read(self, ids_N, counts):
-    from mlm_jax.data.sources import Records
     if self.with_tld and self._tld_ids is None:
       raise DataError('DomainSource.read before with_tokenizer: the TLD vocabulary is unknown')
     keep, texts, tlds = [], [], []
@@ -172,7 +171,7 @@ class DomainSource:
       texts.append(record_text(parts[0], self.part))
       if self.with_tld:
         tlds.append(self._tld_ids.get(parts[1], OTHER_TLD))
-    return Records(keep, texts=texts, features={'tld': tlds} if self.with_tld else {})
+    return sources.Records(keep, texts=texts, features={'tld': tlds} if self.with_tld else {})
 
   def where(self, i):
     return self.fileset.where(i)
@@ -223,16 +222,14 @@ class DomainSource:
     return hash_N, (suffix_N.astype(np.int64) if stratify_field else None)
 
 
-def tld_vocabulary(config) -> list[str]:
-  """The data.tld_vocab_size - 2 most frequent suffixes of the training split, most frequent
-  first (ties by name): deterministic for a given corpus and split."""
-  from mlm_jax.data import pipeline
-  source, train_ids = pipeline.split_records(config, 'train')
+def tld_vocabulary(source, train_ids, tld_vocab_size: int) -> list[str]:
+  """The tld_vocab_size - 2 most frequent suffixes of the records `train_ids` of `source` (a
+  DomainSource), most frequent first (ties by name): deterministic for a given corpus and split."""
   _, suffix_N, names = source.parsed()
   s = suffix_N[train_ids]
   counts = np.bincount(s[s >= 0], minlength=len(names))
   order = sorted(range(len(names)), key=lambda i: (-counts[i], names[i]))
-  return [names[i] for i in order if counts[i]][:config.data.tld_vocab_size - 2]
+  return [names[i] for i in order if counts[i]][:tld_vocab_size - 2]
 
 
 class DomainTokenizer(CharTokenizer):
@@ -260,8 +257,7 @@ class DomainTokenizer(CharTokenizer):
     return super().fingerprint() + '|' + str(hash_list(self.tlds))
 
   def save(self, directory):
-    from mlm_jax.data.tokenizers import _write_meta
-    _write_meta(directory, {'kind': self.kind, 'lowercase': self.lowercase,
+    write_meta(directory, {'kind': self.kind, 'lowercase': self.lowercase,
                             'alphabet': self.alphabet, 'tld_vocab': TLD_FILE})
     with open(os.path.join(directory, TLD_FILE), 'w', encoding='utf-8') as f:
       f.write(''.join(t + '\n' for t in self.tlds))
@@ -282,18 +278,23 @@ def hash_list(items) -> str:
   return hashlib.blake2b('\n'.join(items).encode(), digest_size=8).hexdigest()
 
 
-def build_tokenizer(config) -> DomainTokenizer:
+def build_tokenizer(config, train_split) -> DomainTokenizer:
   """The domain tokenizer of a config: its alphabet plus the TLD vocabulary counted on the
-  training split (a pass over the names at start-up, cached on disk)."""
+  training split (`train_split()` -> (source, record ids); a pass over the names at start-up,
+  cached on disk)."""
   d = config.data
-  tlds = tld_vocabulary(config) if 'tld' in config.model.extra_embeddings else []
+  tlds = (tld_vocabulary(*train_split(), d.tld_vocab_size)
+          if 'tld' in config.model.extra_embeddings else [])
   logging.info('TLD vocabulary: %d suffixes (+ pad, other); most frequent: %s', len(tlds),
                ', '.join(tlds[:10]))
   return DomainTokenizer(d.alphabet, d.lowercase, tlds)
 
 
-def open_source(config, files, cache):
+def open_source(config, split: str) -> DomainSource | None:
   d = config.data
-  return DomainSource(files, cache, d.domain_part, d.domain_column, d.max_records,
-                      with_tld='tld' in config.model.extra_embeddings)
+  cache = textindex.cache_dir(d.cache_dir)
+  files = sources.split_files(config, split)
+  return None if files is None else DomainSource(
+      files, cache, d.domain_part, d.domain_column, d.max_records,
+      with_tld='tld' in config.model.extra_embeddings)
 

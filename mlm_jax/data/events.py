@@ -29,8 +29,9 @@ import os
 
 import numpy as np
 
-from mlm_jax.data import sources
-from mlm_jax.data.tokenizers import SPECIAL_TOKENS, Tokenizer, WordPieceTokenizer, _write_meta
+from mlm_jax.data import config as data_config
+from mlm_jax.data import sources, textindex
+from mlm_jax.data.tokenizers import SPECIAL_TOKENS, Tokenizer, WordPieceTokenizer, write_meta
 from mlm_jax.errors import ConfigError, DataError
 
 EVENT_FEATURE = 'event_type'
@@ -120,7 +121,7 @@ class SessionTokenizer(Tokenizer):
 
   def save(self, directory):
     self.text.save(directory)  # vocab.txt (and a meta file we overwrite)
-    _write_meta(directory, {'kind': self.kind, 'lowercase': self.lowercase, 'vocab': 'vocab.txt',
+    write_meta(directory, {'kind': self.kind, 'lowercase': self.lowercase, 'vocab': 'vocab.txt',
                             'event_types': list(self.event_types)})
 
   @classmethod
@@ -156,6 +157,21 @@ class EventSource(sources.JsonlSource):
     ids, feats = self.tokenizer.encode_sessions(sessions, counts)
     features = {EVENT_FEATURE: feats} if EVENT_FEATURE in self.feature_names else {}
     return sources.Records(keep, token_ids=ids, features=features)
+
+
+def build_tokenizer(config, train_split=None) -> SessionTokenizer:
+  del train_split  # the text vocabulary comes from data.vocab_path
+  d = config.data
+  return SessionTokenizer(data_config.expand_path(d.vocab_path), types(d.event_types), d.lowercase)
+
+
+def open_source(config, split: str) -> EventSource | None:
+  d = config.data
+  cache = textindex.cache_dir(d.cache_dir)
+  files = sources.split_files(config, split)
+  return None if files is None else EventSource(
+      files, cache, d.text_field, list(config.model.extra_embeddings.keys()), d.max_records,
+      d.invalid_utf8)
 
 
 def read_sessions(path: str) -> list[dict]:

@@ -13,7 +13,7 @@ import numpy as np
 from absl import flags, logging
 
 from mlm_jax.data import config as data_config
-from mlm_jax.data import rng, sources, split, stats
+from mlm_jax.data import registry, rng, sources, split, stats
 from mlm_jax.data.chunks import ChunkBuilder, widen
 from mlm_jax.data.tokenizers import check_vocab_size
 from mlm_jax.errors import ConfigError, DataError
@@ -25,19 +25,24 @@ BATCH_KEYS = ('input_ids', 'segment_ids', 'positions', 'token_type_ids', 'mlm_po
 def split_records(config, which: str):
   """(source, record indices) of split `which` ('train', 'eval' or 'test'), int32 if they fit."""
   d = config.data
-  own_eval = sources.open_source(config, 'eval')
+  own_eval = registry.open_source(config, 'eval')
   if which == 'eval' and own_eval is not None:
     return own_eval, _nonempty(own_eval, np.arange(len(own_eval), dtype=np.int64), which)
   eval_fraction = d.eval_fraction if own_eval is None else 0.0  # carve eval only without its own
   if which == 'eval' and not eval_fraction:
     raise DataError('no eval data: set data.eval_files/tfds_eval_split or data.eval_fraction > 0')
-  train = sources.open_source(config, 'train')
+  train = registry.open_source(config, 'train')
   if not eval_fraction and not d.test_fraction:
     return train, _nonempty(train, np.arange(len(train), dtype=np.int64), which)
   hashes, strata = train.split_keys(d.split_key, d.stratify_field)
   assignment = split.assign(hashes[:len(train)], eval_fraction, d.test_fraction,
                             None if strata is None else strata[:len(train)])
   return train, _nonempty(train, split.select(assignment, which), which)
+
+
+def build_tokenizer(config):
+  """The tokenizer config.data describes (see registry.py), checked against model.vocab_size."""
+  return registry.build_tokenizer(config, lambda: split_records(config, 'train'))
 
 
 def _nonempty(source, ids, which):

@@ -1,4 +1,5 @@
-"""Random-access record sources: text files and JSONL files (TFDS: tfds_source.py).
+"""Random-access record sources: text files and JSONL files (TFDS: tfds_source.py; the source of
+each data.source: registry.py).
 
 Every source reads records lazily by index (`read`), so nothing but offset indexes lives in memory,
 and pickles cheaply into grain worker processes (indexes reload from the on-disk cache there).
@@ -214,28 +215,24 @@ def check_tokenizer(source, tokenizer):
                       f'vocab_path/alphabet/lowercase to the ones prepare_corpus used')
 
 
-def open_source(config, split: str):
-  """The source of `split` ('train' or 'eval') as config.data describes; None if eval is carved."""
+def split_files(config, split: str) -> list[str] | None:
+  """The files of `split` ('train' or 'eval'), globs expanded; None when the split has none."""
+  spec = config.data.train_files if split == 'train' else config.data.eval_files
+  return expand_globs(spec, f'{split}_files') if spec.strip() else None
+
+
+def open_text(config, split: str) -> TextSource | None:
   d = config.data
-  features = list(config.model.extra_embeddings.keys())
-  cache = textindex.cache_dir(d.cache_dir) if d.source != 'tfds' else ''
-  if d.source == 'tfds':
-    from mlm_jax.data.tfds_source import TfdsSource  # imports tensorflow_datasets lazily
-    tfds_split = d.tfds_train_split if split == 'train' else d.tfds_eval_split
-    if not tfds_split:
-      return None
-    return TfdsSource(d.tfds_name, tfds_split, d.tfds_data_dir, d.text_field, features,
-                      d.max_records)
-  spec = d.train_files if split == 'train' else d.eval_files
-  if not spec.strip():
-    return None
-  files = expand_globs(spec, f'{split}_files')
-  if d.source == 'text':
-    return TextSource(files, d.text_unit, cache, d.max_records, d.invalid_utf8)
-  if d.source == 'domains':
-    from mlm_jax.data import domains
-    return domains.open_source(config, files, cache)
-  if d.source == 'events':
-    from mlm_jax.data import events
-    return events.EventSource(files, cache, d.text_field, features, d.max_records, d.invalid_utf8)
-  return JsonlSource(files, cache, d.text_field, features, d.max_records, d.invalid_utf8)
+  cache = textindex.cache_dir(d.cache_dir)
+  files = split_files(config, split)
+  return None if files is None else TextSource(files, d.text_unit, cache, d.max_records,
+                                                d.invalid_utf8)
+
+
+def open_jsonl(config, split: str) -> JsonlSource | None:
+  d = config.data
+  cache = textindex.cache_dir(d.cache_dir)
+  files = split_files(config, split)
+  return None if files is None else JsonlSource(
+      files, cache, d.text_field, list(config.model.extra_embeddings.keys()), d.max_records,
+      d.invalid_utf8)

@@ -63,3 +63,13 @@ def _read_json(path):
       return json.load(f)
   except (OSError, ValueError):
     return {}
+
+
+def open_source(config, split: str) -> TfdsSource | None:
+  """data.tfds_train_split / tfds_eval_split of data.tfds_name; None for an empty eval split."""
+  d = config.data
+  tfds_split = d.tfds_train_split if split == 'train' else d.tfds_eval_split
+  if not tfds_split:
+    return None
+  return TfdsSource(d.tfds_name, tfds_split, d.tfds_data_dir, d.text_field,
+                    list(config.model.extra_embeddings.keys()), d.max_records)

@@ -1,7 +1,8 @@
 """Tokenizers: BERT WordPiece (HF `tokenizers`) and a vectorized character tokenizer.
 
 Both return ids without [CLS]/[SEP] (the sequence builder adds them) and expose the special ids,
-so no code hard-codes an id.
+so no code hard-codes an id. Which class serves which data.tokenizer (and tokenizer.json kind) is
+registry.py's business.
 """
 import functools
 import hashlib
@@ -14,7 +15,7 @@ from mlm_jax.data import config as data_config
 from mlm_jax.errors import ConfigError, DataError
 
 SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
-_META = 'tokenizer.json'
+META_FILE = 'tokenizer.json'
 
 
 class Tokenizer:
@@ -113,7 +114,11 @@ class WordPieceTokenizer(Tokenizer):
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, 'vocab.txt'), 'w', encoding='utf-8') as f:
       f.write('\n'.join(self.pieces) + '\n')
-    _write_meta(directory, {'kind': self.kind, 'lowercase': self.lowercase, 'vocab': 'vocab.txt'})
+    write_meta(directory, {'kind': self.kind, 'lowercase': self.lowercase, 'vocab': 'vocab.txt'})
+
+  @classmethod
+  def load(cls, directory, meta):
+    return cls(os.path.join(directory, meta['vocab']), meta['lowercase'])
 
 
 class CharTokenizer(Tokenizer):
@@ -176,54 +181,38 @@ class CharTokenizer(Tokenizer):
     return ''.join(names[int(i)] for i in ids)
 
   def save(self, directory):
-    _write_meta(directory, {'kind': self.kind, 'lowercase': self.lowercase, 'alphabet': self.alphabet})
+    write_meta(directory, {'kind': self.kind, 'lowercase': self.lowercase, 'alphabet': self.alphabet})
+
+  @classmethod
+  def load(cls, directory, meta):
+    return cls(meta['alphabet'], meta['lowercase'])
 
 
-def _write_meta(directory, meta):
+def write_meta(directory, meta):
+  """tokenizer.json: the tokenizer's kind (the registry's loader key) and its settings."""
   os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, _META), 'w', encoding='utf-8') as f:
+  with open(os.path.join(directory, META_FILE), 'w', encoding='utf-8') as f:
     json.dump(meta, f, ensure_ascii=False, indent=1)
 
 
-def load_tokenizer(directory: str) -> Tokenizer:
-  """Restores a tokenizer written by `Tokenizer.save` (e.g. from a run's workdir)."""
-  path = os.path.join(directory, _META)
+def read_meta(directory: str) -> dict:
+  """The tokenizer.json `write_meta` wrote."""
+  path = os.path.join(directory, META_FILE)
   try:
     with open(path, encoding='utf-8') as f:
-      meta = json.load(f)
+      return json.load(f)
   except (OSError, ValueError) as e:
     raise DataError(f'{path}: cannot load tokenizer ({e})') from None
-  if meta.get('kind') == 'wordpiece':
-    return WordPieceTokenizer(os.path.join(directory, meta['vocab']), meta['lowercase'])
-  if meta.get('kind') == 'char':
-    return CharTokenizer(meta['alphabet'], meta['lowercase'])
-  if meta.get('kind') == 'domain':
-    from mlm_jax.data.domains import DomainTokenizer
-    return DomainTokenizer.load(directory, meta)
-  if meta.get('kind') == 'session':
-    from mlm_jax.data.events import SessionTokenizer
-    return SessionTokenizer.load(directory, meta)
-  raise DataError(f'{path}: unknown tokenizer kind {meta.get("kind")!r}')
 
 
-def build_tokenizer(config) -> Tokenizer:
-  """The tokenizer config.data describes; checks it against config.model.vocab_size."""
-  d = config.data
-  if d.source == 'domains':  # the char tokenizer plus the TLD vocabulary of the training split
-    from mlm_jax.data import domains
-    tok = domains.build_tokenizer(config)
-  elif d.tokenizer == 'session':
-    from mlm_jax.data import events
-    tok = events.SessionTokenizer(data_config.expand_path(d.vocab_path), events.types(d.event_types),
-                                  d.lowercase)
-  elif d.tokenizer == 'wordpiece':
-    tok = WordPieceTokenizer(data_config.expand_path(d.vocab_path), d.lowercase)
-  elif d.tokenizer == 'char':
-    tok = CharTokenizer(d.alphabet, d.lowercase)
-  else:
-    raise ConfigError('data.tokenizer', f'{d.tokenizer!r} is not one of {data_config.TOKENIZERS}')
-  check_vocab_size(config, tok)
-  return tok
+def build_wordpiece(config, train_split=None) -> WordPieceTokenizer:
+  del train_split  # the vocabulary comes from data.vocab_path
+  return WordPieceTokenizer(data_config.expand_path(config.data.vocab_path), config.data.lowercase)
+
+
+def build_char(config, train_split=None) -> CharTokenizer:
+  del train_split
+  return CharTokenizer(config.data.alphabet, config.data.lowercase)
 
 
 def check_vocab_size(config, tok: Tokenizer) -> None:
