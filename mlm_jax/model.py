@@ -3,6 +3,7 @@
 The encoder blocks are always created stacked (one leading `layers` axis on every block parameter),
 so `scan_layers` only changes how they are applied (lax.scan or an unrolled loop) and never the
 parameters or the numbers. The MLM head runs on the P prediction slots only, not on all L positions.
+Dropout, the dense layers and attention call the backend-specific kernels of ops.py.
 
 Shape letters: B batch, L sequence, P prediction slots, H hidden, N heads, D head dim, F feed-forward,
 V vocabulary.
@@ -14,7 +15,8 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.extend.random import threefry2x32_p
+
+from mlm_jax import ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,39 +53,6 @@ def _init(cfg):
   return nnx.initializers.truncated_normal(stddev=cfg.init_std)
 
 
-def _keep_mask(key, shape, rate):
-  """Boolean [*shape] keep-mask with P(drop) = round(rate * 65536) / 65536, from threefry.
-
-  jax.random.bernoulli spends one threefry2x32 block (64 bits) per element and keeps 32 of them;
-  here each block gives four 16-bit lanes, so a quarter of the blocks: dropout's random bits were
-  ~8% of a BERT-small CPU step. Counters are the element's global coordinates (batch row, offset
-  in the row), so the mask does not depend on how the array is sharded, like jax.random's.
-  """
-  *lead, n = shape
-  counter_shape = (*lead, -(-n // 4))
-  # Two 32-bit counter words: the batch row, and the offset within the row (row-major).
-  row = jax.lax.broadcasted_iota(jnp.uint32, counter_shape, 0) if lead else jnp.zeros((), jnp.uint32)
-  offset, stride = jnp.zeros(counter_shape, jnp.uint32), 1
-  for d in reversed(range(1 if lead else 0, len(counter_shape))):
-    offset = offset + jax.lax.broadcasted_iota(jnp.uint32, counter_shape, d) * jnp.uint32(stride)
-    stride *= counter_shape[d]
-  k = jax.random.key_data(key)
-  hi, lo = threefry2x32_p.bind(k[0], k[1], jnp.broadcast_to(row, counter_shape), offset)
-  threshold = jnp.uint32(round(rate * 65536))
-  lanes = (hi >> 16, hi & 0xFFFF, lo >> 16, lo & 0xFFFF)
-  return jnp.concatenate([lane >= threshold for lane in lanes], axis=-1)[..., :n]
-
-
-def _dropout(x, rate, key):
-  if key is None or rate == 0.0:
-    return x
-  if jax.random.key_data(key).shape != (2,):  # not a threefry key: jax.random's own way
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-  keep_prob = 1.0 - round(rate * 65536) / 65536
-  return jnp.where(_keep_mask(key, x.shape, rate), x * (1.0 / keep_prob), 0).astype(x.dtype)
-
-
 class Embeddings(nnx.Module):
   """Sum of word, position, token-type and extra categorical embeddings, then LayerNorm."""
 
@@ -106,66 +75,7 @@ class Embeddings(nnx.Module):
       x_BLH = x_BLH + embed(batch[name])
     if not self.pre_ln:  # pre-LN normalizes at the input of each block instead
       x_BLH = self.norm(x_BLH)
-    return _dropout(x_BLH, self.dropout, dropout_key)
-
-
-def _backend() -> str:
-  return jax.default_backend()
-
-
-def _sum_rows(g_MN):
-  """Σ over rows as a [1 x M] @ [M x N] matvec: XLA:CPU's column reduction is far slower (56 ms vs
-  2 ms for the head bias gradient of a 2.5 s BERT-small step). Same sum up to float order."""
-  return jnp.ones((g_MN.shape[0],), g_MN.dtype) @ g_MN
-
-
-@jax.custom_vjp
-def _cpu_dense(x_MK, kernel_KN, bias_N):
-  return x_MK @ kernel_KN + bias_N
-
-
-def _cpu_dense_fwd(x_MK, kernel_KN, bias_N):
-  return _cpu_dense(x_MK, kernel_KN, bias_N), (x_MK, kernel_KN)
-
-
-def _cpu_dense_bwd(residuals, dy_MN):
-  x_MK, kernel_KN = residuals
-  # XLA:CPU's matmul is ~20% slower when it reads the left operand transposed (x.T @ dy, the
-  # weight gradient); materializing x.T first (a copy of the activations, small next to the
-  # matmul) and stopping XLA from folding it back in is faster.
-  x_KM = jax.lax.optimization_barrier(x_MK.T)
-  return dy_MN @ kernel_KN.T, x_KM @ dy_MN, _sum_rows(dy_MN)
-
-
-_cpu_dense.defvjp(_cpu_dense_fwd, _cpu_dense_bwd)
-
-
-def dense(layer: nnx.Linear, x):
-  """`layer(x)`; on CPU through `_cpu_dense`, whose backward pass suits XLA:CPU's matmuls. Same
-  parameters (the layer's own kernel and bias) and the same values up to float summation order."""
-  if _backend() != 'cpu' or layer.bias is None:
-    return layer(x)
-  dtype = layer.dtype or x.dtype
-  kernel, bias = layer.kernel[...].astype(dtype), layer.bias[...].astype(dtype)
-  y = _cpu_dense(x.astype(dtype).reshape(-1, x.shape[-1]), kernel, bias)
-  return y.reshape(*x.shape[:-1], kernel.shape[-1])
-
-
-def _fused_attention(q_BLND, k_BLND, v_BLND, mask_B1LL, impl: str):
-  """jax.nn.dot_product_attention. 'auto': cuDNN's fused (flash) kernel on GPU for 16-bit inputs,
-  which is what it supports (the segment mask goes in as its additive bias, broadcast over heads);
-  XLA anywhere else, and also on GPU when cuDNN refuses the shapes at trace time (no cuDNN, an
-  unsupported head size or GPU), so 'auto' never fails where 'xla' would work."""
-  call = lambda implementation: jax.nn.dot_product_attention(
-      q_BLND, k_BLND, v_BLND, mask=mask_B1LL, implementation=implementation)
-  if impl != 'auto':
-    return call(impl)
-  if _backend() == 'gpu' and q_BLND.dtype in (jnp.bfloat16, jnp.float16):
-    try:
-      return call('cudnn')
-    except (ValueError, NotImplementedError, RuntimeError):
-      pass
-  return call('xla')
+    return ops.dropout(x_BLH, self.dropout, dropout_key)
 
 
 class EncoderBlock(nnx.Module):
@@ -187,51 +97,37 @@ class EncoderBlock(nnx.Module):
     cfg = self.cfg
     b, l, h = x_BLH.shape
     n = cfg.num_heads
-    qkv_BL3ND = dense(self.qkv, x_BLH).reshape(b, l, 3, n, h // n)
+    qkv_BL3ND = ops.dense(self.qkv, x_BLH).reshape(b, l, 3, n, h // n)
     q_BLND, k_BLND, v_BLND = qkv_BL3ND[:, :, 0], qkv_BL3ND[:, :, 1], qkv_BL3ND[:, :, 2]
     if cfg.attention_dropout > 0.0 and key is not None:
       # The fused kernels have no dropout; compute the probabilities explicitly.
       logits_BNLL = jnp.einsum('blnd,bmnd->bnlm', q_BLND, k_BLND) / jnp.sqrt(h // n).astype(x_BLH.dtype)
       logits_BNLL = jnp.where(mask_B1LL, logits_BNLL, jnp.finfo(logits_BNLL.dtype).min)
       probs_BNLL = jax.nn.softmax(logits_BNLL.astype(jnp.float32), axis=-1).astype(x_BLH.dtype)
-      probs_BNLL = _dropout(probs_BNLL, cfg.attention_dropout, key)
+      probs_BNLL = ops.dropout(probs_BNLL, cfg.attention_dropout, key)
       out_BLND = jnp.einsum('bnlm,bmnd->blnd', probs_BNLL, v_BLND)
     else:
-      out_BLND = _fused_attention(q_BLND, k_BLND, v_BLND, mask_B1LL, cfg.attention_impl)
-    return dense(self.attn_out, out_BLND.reshape(b, l, h))
+      out_BLND = ops.attention(q_BLND, k_BLND, v_BLND, mask_B1LL, cfg.attention_impl)
+    return ops.dense(self.attn_out, out_BLND.reshape(b, l, h))
 
   def __call__(self, x_BLH, mask_B1LL, key):
     keys = jax.random.split(key, 3) if key is not None else (None,) * 3
     rate = self.cfg.dropout
     if self.cfg.layer_norm == 'pre':
-      x_BLH = x_BLH + _dropout(self.attention(self.attn_norm(x_BLH), mask_B1LL, keys[0]), rate, keys[1])
-      ff_BLH = dense(self.ff_out, jax.nn.gelu(dense(self.ff_in, self.ff_norm(x_BLH)), approximate=False))
-      return x_BLH + _dropout(ff_BLH, rate, keys[2])
-    x_BLH = self.attn_norm(x_BLH + _dropout(self.attention(x_BLH, mask_B1LL, keys[0]), rate, keys[1]))
-    ff_BLH = dense(self.ff_out, jax.nn.gelu(dense(self.ff_in, x_BLH), approximate=False))
-    return self.ff_norm(x_BLH + _dropout(ff_BLH, rate, keys[2]))
+      attn_BLH = self.attention(self.attn_norm(x_BLH), mask_B1LL, keys[0])
+      x_BLH = x_BLH + ops.dropout(attn_BLH, rate, keys[1])
+      ff_BLF = jax.nn.gelu(ops.dense(self.ff_in, self.ff_norm(x_BLH)), approximate=False)
+      return x_BLH + ops.dropout(ops.dense(self.ff_out, ff_BLF), rate, keys[2])
+    attn_BLH = self.attention(x_BLH, mask_B1LL, keys[0])
+    x_BLH = self.attn_norm(x_BLH + ops.dropout(attn_BLH, rate, keys[1]))
+    ff_BLF = jax.nn.gelu(ops.dense(self.ff_in, x_BLH), approximate=False)
+    return self.ff_norm(x_BLH + ops.dropout(ops.dense(self.ff_out, ff_BLF), rate, keys[2]))
 
 
 _REMAT_POLICIES = {
     'full': None,  # save nothing
     'save_dots': jax.checkpoint_policies.checkpoint_dots,
 }
-
-
-@jax.custom_vjp
-def _add_vocab_bias(logits_BPV, bias_V):
-  return logits_BPV + bias_V
-
-
-def _add_vocab_bias_fwd(logits_BPV, bias_V):
-  return logits_BPV + bias_V, None
-
-
-def _add_vocab_bias_bwd(_, g_BPV):
-  return g_BPV, _sum_rows(g_BPV.reshape(-1, g_BPV.shape[-1]))
-
-
-_add_vocab_bias.defvjp(_add_vocab_bias_fwd, _add_vocab_bias_bwd)
 
 
 class MlmHead(nnx.Module):
@@ -245,9 +141,9 @@ class MlmHead(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((cfg.vocab_size,), jnp.dtype(cfg.param_dtype)))
 
   def __call__(self, x_BPH, word: nnx.Embed):
-    x_BPH = self.norm(jax.nn.gelu(dense(self.dense, x_BPH), approximate=False))
+    x_BPH = self.norm(jax.nn.gelu(ops.dense(self.dense, x_BPH), approximate=False))
     logits_BPV = word.attend(x_BPH)
-    return _add_vocab_bias(logits_BPV.astype(jnp.float32), self.bias[...].astype(jnp.float32))
+    return ops.add_vocab_bias(logits_BPV.astype(jnp.float32), self.bias[...].astype(jnp.float32))
 
 
 class Bert(nnx.Module):

@@ -214,7 +214,7 @@ def test_remat_and_scan_do_not_change_the_numbers(variant):
 
 def test_cpu_dense_has_the_linear_layer_s_values_and_gradients():
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from mlm_jax import model as model_lib  # pylint: disable=import-outside-toplevel
+  from mlm_jax import ops  # pylint: disable=import-outside-toplevel
   layer = nnx.Linear(16, 24, rngs=nnx.Rngs(0))
   layer.bias[...] = jax.random.normal(jax.random.key(1), (24,))
   x = jax.random.normal(jax.random.key(2), (3, 5, 16))
@@ -222,32 +222,32 @@ def test_cpu_dense_has_the_linear_layer_s_values_and_gradients():
 
   def loss(params, x, via_dense):
     lin = nnx.merge(graphdef, params)
-    y = model_lib.dense(lin, x) if via_dense else lin(x)
+    y = ops.dense(lin, x) if via_dense else lin(x)
     return jax.numpy.sum(jax.numpy.sin(y))
 
-  assert jax.default_backend() == 'cpu'  # so model.dense takes its own path
+  assert jax.default_backend() == 'cpu'  # so ops.dense takes its own path
   for argnums in (0, 1):
     want = jax.grad(loss, argnums)(params, x, False)
     got = jax.grad(loss, argnums)(params, x, True)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(model_lib.dense(layer, x), layer(x), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(ops.dense(layer, x), layer(x), rtol=1e-6, atol=1e-6)
 
 
 def test_auto_attention_falls_back_to_xla_where_cudnn_refuses(monkeypatch):
   """On a GPU 'auto' tries cuDNN for 16-bit inputs; where cuDNN is missing or refuses the shapes (here:
   a CPU posing as a GPU), the XLA kernel runs instead, with the same numbers."""
-  from mlm_jax import model as model_lib  # pylint: disable=import-outside-toplevel
+  from mlm_jax import ops  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   q, k, v = (jnp.asarray(rng.normal(size=(2, 16, 4, 8)), jnp.bfloat16) for _ in range(3))
   seg = jnp.asarray([[1] * 10 + [2] * 6, [1] * 16])
   mask = (seg[:, :, None] == seg[:, None, :])[:, None]
-  want = model_lib._fused_attention(q, k, v, mask, 'xla')
-  monkeypatch.setattr(model_lib, '_backend', lambda: 'gpu')
+  want = ops.attention(q, k, v, mask, 'xla')
+  monkeypatch.setattr(ops, '_backend', lambda: 'gpu')
   with pytest.raises(Exception):
-    jax.jit(lambda: model_lib._fused_attention(q, k, v, mask, 'cudnn'))()
-  got = jax.jit(lambda: model_lib._fused_attention(q, k, v, mask, 'auto'))()
+    jax.jit(lambda: ops.attention(q, k, v, mask, 'cudnn'))()
+  got = jax.jit(lambda: ops.attention(q, k, v, mask, 'auto'))()
   np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
