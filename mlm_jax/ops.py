@@ -20,7 +20,7 @@ def _backend() -> str:
 
 
 def _keep_mask(key, shape, rate):
-  """Boolean [*shape] keep-mask with P(drop) = round(rate * 65536) / 65536, from threefry.
+  """Boolean [*shape] keep-mask from threefry; drop probability round(rate * 65536) / 65536.
 
   jax.random.bernoulli spends one threefry2x32 block (64 bits) per element and keeps 32 of them;
   here each block gives four 16-bit lanes, so a quarter of the blocks: dropout's random bits were

@@ -1,7 +1,7 @@
 """The device mesh ('data', 'fsdp'), parameter and batch shardings, and multi-process helpers."""
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mlm_jax.errors import ConfigError
 
@@ -24,17 +24,17 @@ def make_mesh(config, devices=None) -> Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
-def param_spec(shape, fsdp: int) -> P:
+def param_spec(shape, fsdp: int) -> PartitionSpec:
   """FSDP: shard the largest dimension that the fsdp axis divides; replicate small/odd ones."""
   if fsdp == 1 or not shape:
-    return P()
+    return PartitionSpec()
   dims = sorted(range(len(shape)), key=lambda d: -shape[d])
   for d in dims:
     if shape[d] % fsdp == 0 and shape[d] >= fsdp:
       spec = [None] * len(shape)
       spec[d] = 'fsdp'
-      return P(*spec)
-  return P()
+      return PartitionSpec(*spec)
+  return PartitionSpec()
 
 
 def state_shardings(abstract_state, mesh: Mesh):
@@ -43,11 +43,11 @@ def state_shardings(abstract_state, mesh: Mesh):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(BATCH_AXES))
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
+  return NamedSharding(mesh, PartitionSpec())
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

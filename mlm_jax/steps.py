@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec
 
 from mlm_jax import sharding as shd
 
@@ -54,7 +54,8 @@ def _gradients(params, batch, step_key, denominator, *, graphdef, grad_accum_ste
     # Row r goes to micro-batch r % a, so each micro-batch stays spread over every device.
     x = x.reshape(x.shape[0] // a, a, *x.shape[1:]).swapaxes(0, 1)
     if mesh is not None:
-      x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, shd.BATCH_AXES)))
+      spec = PartitionSpec(None, shd.BATCH_AXES)
+      x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
     return x
 
   def body(carry, inputs):
@@ -94,8 +95,8 @@ def _per_device(local, mesh, num_outputs: int):
   """`local(params, batch)` on each device's own rows, parameters replicated. Its outputs must be
   replicated by construction (all-gathers); check_vma=False because the accumulation scan's carry
   starts from replicated zeros, which the check cannot follow."""
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(shd.BATCH_AXES)),
-                       out_specs=(P(),) * num_outputs, check_vma=False)
+  return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(shd.BATCH_AXES)),
+                       out_specs=(PartitionSpec(),) * num_outputs, check_vma=False)
 
 
 def _fixed_order_gradients(params, batch, step_key, denominator, *, mesh, **kw):
