@@ -174,21 +174,23 @@ def test_jsonl_bad_feature_records_are_skipped_and_counted(tmp_path):
   rows = [{'text': 'abc', 'tld': 9, 'kind': [1, 2, 3]},   # tld outside its vocabulary of 8
           {'text': 'ab', 'tld': 1, 'kind': [1]}] + [      # wrong per-token length
               {'text': 'ok', 'tld': 1, 'kind': [0, 1]}] * 6
-  st = counts_after(jsonl_config(tmp_path, rows), n=2)
-  assert st['bad_feature_records'] >= 2
+  c = jsonl_config(tmp_path, rows, chunk_records=8, packing=False)
+  c.train.batch_size = 6
+  st = counts_after(c, n=1)  # one chunk: the whole file once
+  assert st['records'] == 8 and st['bad_records'] == 2 and st['pieces'] == 6
 
 
-def test_jsonl_bad_json_names_the_file_and_line(tmp_path):
+def test_jsonl_bad_json_in_error_mode_names_the_file_and_line(tmp_path):
   p = tmp_path / 'r.jsonl'
   p.write_text('{"text": "a", "tld": 1, "kind": [1]}\n\n{"text": oops}\n')
-  c = make_config(tmp_path, p, source='jsonl')
-  with pytest.raises(DataError, match=r'r.jsonl:3'):
+  c = make_config(tmp_path, p, source='jsonl', bad_records='error')
+  with pytest.raises(DataError, match=r'r.jsonl:3: not valid JSON'):
     next(data.train_iterator(c, data.build_tokenizer(c)))
 
 
-def test_jsonl_missing_field_is_a_data_error(tmp_path):
-  c = jsonl_config(tmp_path, [{'text': 'abc', 'tld': 1}] * 4)
-  with pytest.raises(DataError, match="'kind'"):
+def test_jsonl_missing_field_is_a_data_error_in_error_mode(tmp_path):
+  c = jsonl_config(tmp_path, [{'text': 'abc', 'tld': 1}] * 4, bad_records='error')
+  with pytest.raises(DataError, match=r"r.jsonl:[1-4]: no feature field 'kind'"):
     next(data.train_iterator(c, data.build_tokenizer(c)))
 
 

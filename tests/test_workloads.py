@@ -111,7 +111,9 @@ def test_rare_suffixes_share_the_other_id_and_invalid_lines_are_counted(domain_f
   source.with_tokenizer(tok)
   counts = __import__('collections').Counter()
   recs = source.read(ids, counts)
-  assert counts['invalid_records'] == 3  # 'not a domain', 'localhost', 'co.uk'
+  # 'not a domain', 'localhost', 'co.uk': bad records, reported with their position and why.
+  assert [(int(ids[k]), why.split(':')[0]) for k, why in recs.bad] == [
+      (n - 4 + j, 'not a host name with a known public suffix') for j in range(3)]
   assert len(recs.texts) == n - 3
   by_text = dict(zip(recs.texts, recs.features['tld']))
   assert by_text['rare-name'] == domains.OTHER_TLD
@@ -155,7 +157,8 @@ def test_csv_column_and_host_part(tmp_path):
   source, ids = data.split_records(c, 'train')
   counts = __import__('collections').Counter()
   recs = source.with_tokenizer(tok).read(ids, counts)
-  assert recs.texts == ['www.google', 'mail.example'] and counts['invalid_records'] == 1
+  assert recs.texts == ['www.google', 'mail.example']
+  assert [k for k, _ in recs.bad] == [3]  # record 0 is the header: neither data nor bad
   assert [tok.tld_name(i) for i in recs.features['tld']] == ['com', 'co.uk']
 
 
@@ -173,6 +176,20 @@ def sessions_file(tmp_path_factory):
   path = str(tmp_path_factory.mktemp('events') / 'sessions.jsonl')
   make_event_sessions.write(path, 300, seed=1)
   return path
+
+
+def test_shipped_event_sample_is_the_generator_output(tmp_path):
+  """configs/event_bert.py's default data is what its LICENSE.md says made it."""
+  assets = os.path.join(REPO, 'mlm_jax', 'assets', 'events')
+  c = load_config('event_bert')
+  for name, n, seed in (('train.jsonl', 400, 0), ('valid.jsonl', 50, 1)):
+    make_event_sessions.write(str(tmp_path / name), n, seed)
+    assert (tmp_path / name).read_bytes() == open(os.path.join(assets, name), 'rb').read(), name
+    assert f'--out mlm_jax/assets/events/{name} --sessions {n} --seed {seed}' in open(
+        os.path.join(assets, 'LICENSE.md')).read()
+  assert c.data.train_files == '{assets}/events/train.jsonl'
+  assert c.data.eval_files == '{assets}/events/valid.jsonl'
+  assert os.path.getsize(os.path.join(assets, 'train.jsonl')) < 300_000
 
 
 def test_session_generator_is_deterministic(tmp_path):
@@ -194,7 +211,7 @@ def test_session_tokens_types_and_event_types(event_types):
              {'type': 'unknown', 'text': 'dropped'}, {'type': 'view'}]
   counts = __import__('collections').Counter()
   (ids,), (feats,) = tok.encode_sessions([session], counts)
-  assert counts['invalid_records'] == 1
+  assert counts['invalid_events'] == 1
   text_ids = tok.text.encode_batch(['wireless headphones', 'sony x'])
   expected = ([tok.type_token['search']] + list(text_ids[0] + tok.text_offset)
               + [tok.type_token['view']] + list(text_ids[1] + tok.text_offset)
@@ -256,8 +273,7 @@ def _smoke_configs(sessions):
   out['domainbert'] = load_config('domainbert')
   out['domainbert'].data.eval_fraction = 0.02  # the shipped 3.4k names: 0.1% is ~3 names
   out['mini_bert'] = load_config('mini_bert')
-  out['event_bert'] = load_config('event_bert')
-  out['event_bert'].data.train_files = sessions
+  out['event_bert'] = load_config('event_bert')  # runs on its shipped sample, as is
   for name in ('bert_base', 'bert_large'):
     c = load_config(name)
     c.data.update(**shipped_vocab)

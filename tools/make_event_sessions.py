@@ -6,7 +6,8 @@ Each session is a few shopping "journeys": a search query, views of products tha
 the searched category, sometimes the brand's other products), now and then an add_to_cart of a
 viewed product and a purchase of a carted one. Product titles follow a small catalog (brand, line,
 category, attributes), so a model can learn e.g. which category a query leads to and that a
-purchase repeats a carted title. Output depends only on (--sessions, --seed).
+purchase repeats a carted title. Output depends only on (--sessions, --seed). The sample that
+configs/event_bert.py trains on by default was made with it (see mlm_jax/assets/events/LICENSE.md).
 """
 import argparse
 import json

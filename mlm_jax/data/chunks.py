@@ -27,7 +27,7 @@ class ChunkBuilder:
     self.features = dict(config.model.extra_embeddings)
     self.d = _Frozen({k: d[k] for k in ('long_records', 'packing', 'mask_rate', 'mask_mode',
                                         'mask_token_frac', 'random_token_frac', 'whole_word_mask',
-                                        'invalid_utf8')})
+                                        'invalid_utf8', 'bad_records')})
     self._special_V = np.zeros(tokenizer.vocab_size, bool)
     self._special_V[tokenizer.special_ids] = True
     self._ascii_fast = isinstance(source, sources.TextSource) and hasattr(tokenizer, 'encode_ascii')
@@ -37,12 +37,19 @@ class ChunkBuilder:
     self._pos_dtype = _narrow(self.max_len)
 
   def __call__(self, record_N: np.ndarray, epoch_N: np.ndarray) -> dict:
+    """Rows of the records record_N (read in epochs epoch_N), plus '_stats' (the chunk's
+    stats.CHUNK_COUNTERS) and '_bad' (its first SHOW_BAD bad records as (record id, why))."""
     counts = collections.Counter(records=len(record_N))
-    tok_N, len_R, feats, keep, good_R = self._tokenize(record_N, counts)
+    tok_N, len_R, feats, keep, good_R, bad = self._tokenize(record_N, counts)
+    if bad and self.d.bad_records == 'error':
+      k, why = bad[0]
+      raise DataError(f'{self.source.where(int(record_N[k]))}: {why} (data.bad_records=error; '
+                      "'skip' drops such records)")
+    counts['bad_records'] = len(bad)
+    bad = [(int(record_N[k]), why) for k, why in bad[:stats.SHOW_BAD]]
     record_N, epoch_N = record_N[keep], epoch_N[keep]
     counts['unk_tokens'] = int(np.count_nonzero(tok_N == self.tokenizer.unk_id))
     counts['empty_records'] = int(np.count_nonzero(len_R == 0))
-    counts['bad_feature_records'] = int(np.count_nonzero(~good_R))
     nonempty = (len_R > 0) & good_R
     keys_R = rng.record_keys(self.seed, self.stream, epoch_N, record_N)
     offset_R = np.cumsum(len_R) - len_R
@@ -55,43 +62,58 @@ class ChunkBuilder:
     row_P, col_P, num_rows = sequences.pack(len_P + 2, self.max_len, self.d.packing)
     rows = self._rows(tok_N, offset_R, keys_R, feats, record_P, start_P, len_P, row_P, col_P,
                       num_rows, counts)
-    vec = np.zeros((num_rows, len(stats.CHUNK_COUNTERS)))
-    if num_rows:
-      vec[0] = stats.chunk_vector(counts)
-    rows['_stats'] = vec
+    # Chunk-level entries (popped before rows are cut into batches): they come even with no rows.
+    rows['_stats'] = stats.chunk_vector(counts)
+    rows['_bad'] = bad
     return rows
 
   def _tokenize(self, record_N, counts):
-    """(tok_N, len_R, features, kept positions, good_R) for the records that survive reading;
-    good_R is False where a feature does not fit (wrong length or outside its vocabulary)."""
+    """(tok_N, len_R, features, kept positions, good_R, bad) for the records that survive
+    reading. good_R is False where a kept record turns out bad (a feature that does not fit, a
+    token id outside the vocabulary); bad lists every bad record as (position in record_N, why),
+    in that order."""
     if self._ascii_fast:
       flat, len_R = self.source.read_flat(record_N)
       if not len(flat) or (flat.max() < 128 and flat.min() > 0):  # ASCII without NUL
         ok = np.ones(len(len_R), bool)
-        return self.tokenizer.encode_ascii(flat), len_R, {}, np.arange(len(len_R)), ok
+        return self.tokenizer.encode_ascii(flat), len_R, {}, np.arange(len(len_R)), ok, []
       data, ends = flat.tobytes(), np.cumsum(len_R).tolist()
-      raw = [data[e - n:e] for e, n in zip(ends, len_R.tolist())]
-      keep, texts = sources.decode(raw, self.d.invalid_utf8, counts)
-      recs = sources.Records(keep, texts=texts)
+      recs = sources.decode([data[e - n:e] for e, n in zip(ends, len_R.tolist())],
+                            self.d.invalid_utf8, counts)
     else:
       recs = self.source.read(record_N, counts)
+    bad = list(recs.bad)
     if recs.texts is not None:
       tok_N, len_R = self.tokenizer.encode_flat(recs.texts)
     else:
       len_R = np.fromiter(map(len, recs.token_ids), np.int64, len(recs.token_ids))
       tok_N = np.concatenate(recs.token_ids) if len(len_R) else np.zeros(0, np.int32)
-      bad = (tok_N < 0) | (tok_N >= self.tokenizer.vocab_size)
-      if bad.any():
-        raise DataError(f'{self.source.name}: pre-tokenized ids outside [0, '
-                        f'{self.tokenizer.vocab_size}) (tokenizer/vocab mismatch?)')
     good_R = np.ones(len(len_R), bool)
+    if recs.token_ids is not None:
+      out_T = (tok_N < 0) | (tok_N >= self.tokenizer.vocab_size)
+      if out_T.any():
+        record_T = np.repeat(np.arange(len(len_R)), len_R)
+        for r in np.unique(record_T[out_T]).tolist():
+          good_R[r] = False
+          bad.append((recs.keep_N[r], f'a token id outside [0, {self.tokenizer.vocab_size}) '
+                      '(pre-tokenized with another vocabulary?)'))
     for name, size in self.features.items():
       for r, v in enumerate(recs.features[name]):
+        if not good_R[r]:
+          continue
         if isinstance(v, int):
-          good_R[r] &= 0 <= v < size
+          why = None if 0 <= v < size else f'feature {name!r} = {v} is outside [0, {size})'
+        elif len(v) != len_R[r]:
+          why = f'feature {name!r} has {len(v)} values for {len_R[r]} tokens'
+        elif len(v) and (v.min() < 0 or v.max() >= size):
+          why = f'feature {name!r} has a value outside [0, {size})'
         else:
-          good_R[r] &= len(v) == len_R[r] and (not len(v) or (v.min() >= 0 and v.max() < size))
-    return tok_N.astype(np.int32, copy=False), len_R, recs.features, recs.keep_N, good_R
+          why = None
+        if why:
+          good_R[r] = False
+          bad.append((recs.keep_N[r], why))
+    bad = sorted((int(k), why) for k, why in bad)
+    return tok_N.astype(np.int32, copy=False), len_R, recs.features, recs.keep_N, good_R, bad
 
   def _rows(self, tok_N, offset_R, keys_R, feats, record_P, start_P, len_P, row_P, col_P,
             num_rows, counts):

@@ -16,6 +16,7 @@ DOMAIN_PARTS = ('registrable', 'host')
 LONG_RECORDS = ('window', 'truncate')
 MASK_MODES = ('exact', 'bernoulli')
 INVALID_UTF8 = ('replace', 'skip')
+BAD_RECORDS = ('skip', 'error')
 DEFAULT_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 .,;:!?'\"-_/()&@#"
 DOMAIN_ALPHABET = 'abcdefghijklmnopqrstuvwxyz0123456789-.'  # what a host name may contain
 
@@ -97,6 +98,15 @@ def defaults() -> ml_collections.ConfigDict:
   d.prefetch_chunks = 2
   # Invalid UTF-8 in a record: 'replace' (with U+FFFD) or 'skip' (drop the record). Counted either way.
   d.invalid_utf8 = 'replace'
+  # A malformed record (bad JSON, a missing or mistyped field, a line that is no domain name, a
+  # feature that does not fit its tokens, invalid UTF-8 under invalid_utf8='skip'): 'skip' (drop
+  # it, count it as bad_records, log file:line of the first 5) or 'error' (stop at the first one
+  # with an error naming its file:line and what is wrong).
+  d.bad_records = 'skip'
+  # Stop with an error naming the file when more than this fraction of the records read (since the
+  # run started or resumed; checked once 1,000 were read) are bad: a mostly-garbage corpus must not
+  # train on the little that is left. 1 = never stop.
+  d.max_bad_fraction = 0.01
   # source='domains': the record text, 'registrable' (the label left of the public suffix:
   # 'example' from 'www.example.co.uk') or 'host' (everything left of the suffix: 'www.example').
   d.domain_part = 'registrable'
@@ -144,7 +154,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   d, m = config.data, config.model
   for name, choices in (('source', SOURCES), ('text_unit', TEXT_UNITS), ('tokenizer', TOKENIZERS),
                         ('long_records', LONG_RECORDS), ('mask_mode', MASK_MODES),
-                        ('invalid_utf8', INVALID_UTF8), ('domain_part', DOMAIN_PARTS)):
+                        ('invalid_utf8', INVALID_UTF8), ('domain_part', DOMAIN_PARTS),
+                        ('bad_records', BAD_RECORDS)):
     _choice(d, name, choices)
   _check(isinstance(config.seed, int) and 0 <= config.seed < 2**32, 'seed',
          f'must be an int in [0, 2**32), got {config.seed!r}')
@@ -156,6 +167,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
          'mask_token_frac + random_token_frac must be <= 1')
   for name in ('eval_fraction', 'test_fraction'):
     _check(0 <= d[name] < 1, f'data.{name}', f'must be in [0, 1), got {d[name]}')
+  _check(0 <= d.max_bad_fraction <= 1, 'data.max_bad_fraction',
+         f'must be in [0, 1], got {d.max_bad_fraction}')
   _check(d.eval_fraction + d.test_fraction < 1, 'data.test_fraction',
          'eval_fraction + test_fraction must be < 1 (nothing left to train on)')
   for name in ('max_predictions', 'num_workers', 'prefetch_chunks', 'max_records', 'num_shards'):
@@ -204,5 +217,3 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(len(set(d.alphabet)) == len(d.alphabet), 'data.alphabet', 'has repeated characters')
   t = config.train
   _check(t.batch_size >= 1, 'train.batch_size', f'must be >= 1, got {t.batch_size}')
-  _check(t.batch_size % t.grad_accum_steps == 0, 'train.grad_accum_steps',
-         f'{t.grad_accum_steps} does not divide train.batch_size {t.batch_size}')

@@ -12,7 +12,7 @@ the ids of a run for predict and evaluate.
 
 Input: text files with one name per line, or CSV files (data.domain_column: a header name, or a
 0-based column number for files without a header). Lines that are not a host name or have no known
-suffix (e.g. 'localhost', 'co.uk' alone) are skipped and counted as invalid_records.
+suffix (e.g. 'localhost', 'co.uk' alone) are bad records: skipped and counted (data.bad_records).
 """
 import csv
 import functools
@@ -161,17 +161,19 @@ class DomainSource:
   def read(self, ids_N, counts):
     if self.with_tld and self._tld_ids is None:
       raise DataError('DomainSource.read before with_tokenizer: the TLD vocabulary is unknown')
-    keep, texts, tlds = [], [], []
+    keep, texts, tlds, bad = [], [], [], []
     for k, s in self._names(ids_N, self.fileset.read(ids_N)):
       parts = split_name(s)
       if parts is None:
-        counts['invalid_records'] += 1
+        shown = ' '.join(repr(s).split())[:60]
+        bad.append((k, f'not a host name with a known public suffix: {shown}'))
         continue
       keep.append(k)
       texts.append(record_text(parts[0], self.part))
       if self.with_tld:
         tlds.append(self._tld_ids.get(parts[1], OTHER_TLD))
-    return sources.Records(keep, texts=texts, features={'tld': tlds} if self.with_tld else {})
+    return sources.Records(keep, texts=texts, features={'tld': tlds} if self.with_tld else {},
+                           bad=bad)
 
   def where(self, i):
     return self.fileset.where(i)
@@ -182,8 +184,9 @@ class DomainSource:
     if self._parsed is None:
       hashes, codes, names, index = [], [], [], {}
       for f, path in enumerate(self.files):
-        z = textindex._cached(path, f'line|{self.part}|{self.column}|psl{psl_version()}', self.cache,
-                              'domains', functools.partial(self._parse_file, f))
+        key = f'line|{self.part}|{self.column}|psl{psl_version()}|v2'
+        z = textindex._cached(path, key, self.cache, 'domains',
+                              functools.partial(self._parse_file, f))
         local = np.array([index.setdefault(str(n), len(index)) for n in z['names']], np.int32)
         hashes.append(z['hash'])
         codes.append(np.where(z['suffix'] >= 0, local[np.maximum(z['suffix'], 0)], -1)
@@ -205,12 +208,13 @@ class DomainSource:
       ids = np.arange(start, min(hi, start + 65536))
       for k, s in self._names(ids, self.fileset.read(ids)):
         parts = split_name(s)
-        if parts is None:
-          continue
-        key = f'{record_text(parts[0], self.part)}|{parts[1]}'.encode()
+        # A bad line is dropped when read; hashing its text spreads such lines over the splits
+        # like any other record (one hash for all would put every bad line in one split).
+        key = (f'{record_text(parts[0], self.part)}|{parts[1]}' if parts else f'bad|{s}').encode()
         hash_N[start - lo + k] = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(),
                                                 'little')
-        suffix_N[start - lo + k] = index.setdefault(parts[1], len(index))
+        if parts:
+          suffix_N[start - lo + k] = index.setdefault(parts[1], len(index))
     names = np.array(sorted(index, key=index.get) or [''], dtype=str)[:len(index)]
     return {'hash': hash_N, 'suffix': suffix_N, 'names': names}
 

@@ -8,7 +8,9 @@ Input: JSON Lines, one session per line (data.text_field names the event list, d
 
 An event is an object with a string "type" (one of data.event_types) and an optional string "text".
 Other keys are ignored (a split key such as "session_id" may be named in data.split_key). Events of
-an unknown type are skipped and counted (invalid_records).
+an unknown type (or not an object, or with a text that is not a string) are skipped and counted
+(invalid_events); a line that is not a JSON object with a list of events is a bad record
+(data.bad_records).
 
 Tokens: a structural vocabulary ([PAD] [UNK] [CLS] [SEP] [MASK], then [E:type] for each event type)
 followed by the WordPiece vocabulary, whose ids are shifted by the size of the structural vocabulary
@@ -93,7 +95,7 @@ class SessionTokenizer(Tokenizer):
         text = e.get('text', '') if isinstance(e, dict) else None
         if kind not in self.type_token or not isinstance(text, str):
           if counts is not None:
-            counts['invalid_records'] += 1
+            counts['invalid_events'] += 1
           continue
         texts.append(text)
         where.append((s, kind))
@@ -144,19 +146,20 @@ class EventSource(sources.JsonlSource):
   def read(self, ids_N, counts):
     if self.tokenizer is None:
       raise DataError('EventSource.read before with_tokenizer')
-    keep, sessions = [], []
-    for k, (i, obj) in enumerate(self.objects(ids_N, counts)):
-      if obj is None:
+    keep, sessions, bad = [], [], []
+    for k, (_, obj) in enumerate(self.objects(ids_N, counts)):
+      if isinstance(obj, sources.Malformed):
+        bad.append((k, obj.why))
         continue
       events = obj.get(self.text_field) if isinstance(obj, dict) else None
       if not isinstance(events, list):
-        raise DataError(f'{self.where(i)}: record has no list of events in {self.text_field!r} '
-                        '(config.data.text_field)')
+        bad.append((k, f'no list of events in {self.text_field!r} (data.text_field)'))
+        continue
       keep.append(k)
       sessions.append(events)
     ids, feats = self.tokenizer.encode_sessions(sessions, counts)
     features = {EVENT_FEATURE: feats} if EVENT_FEATURE in self.feature_names else {}
-    return sources.Records(keep, token_ids=ids, features=features)
+    return sources.Records(keep, token_ids=ids, features=features, bad=bad)
 
 
 def build_tokenizer(config, train_split=None) -> SessionTokenizer:

@@ -120,17 +120,26 @@ class BatchIterator(grain.DatasetIterator):
 
   _LOG_EVERY = 5000  # batches between absl INFO lines with all counters
 
-  def __init__(self, make_chunks, batch_size, stats_):
+  def __init__(self, make_chunks, batch_size, stats_, epoch_records):
     super().__init__()
     self._make_chunks, self._b, self.stats = make_chunks, batch_size, stats_
     self._chunk, self._row = 0, 0  # position of the next row
     self._rows, self._inner = None, None
+    # Records read since the last chunk that gave rows: two epochs' worth means none ever will.
+    self._epoch_records, self._dry = epoch_records, 0
 
   def _next_rows(self):
     if self._inner is None:
       self._inner = iter(self._make_chunks(self._chunk))
     rows = next(self._inner)
-    self.stats.add_chunk(rows.pop('_stats').sum(axis=0))
+    vec = rows.pop('_stats')
+    self.stats.add_chunk(vec, rows.pop('_bad'))
+    self._dry = 0 if len(rows['input_ids']) else self._dry + int(vec[0])  # vec[0]: records
+    if self._dry >= 2 * self._epoch_records:
+      raise DataError(f'{getattr(self.stats.source, "name", "")}: no record of the {self.stats.name} '
+                      f'split gives any token (all bad or empty; data stats: '
+                      f'bad_records={self.stats.counts["bad_records"]}, '
+                      f'empty_records={self.stats.counts["empty_records"]})')
     return rows
 
   def __next__(self):
@@ -213,7 +222,7 @@ def train_iterator(config, tokenizer, *, process_index=0, process_count=1):
   source, ids = split_records(config, 'train')
   builder = _builder(config, tokenizer, source, rng.TRAIN)
   _local_batch(config, process_count)
-  st = stats.Stats('train')
+  st = stats.Stats('train', source, d.max_bad_fraction)
   st.counts['empty_lines'] = getattr(getattr(source, 'fileset', None), 'empty_lines', 0)
   per_process = shards // process_count
   mine = range(process_index * per_process, (process_index + 1) * per_process)
@@ -236,7 +245,7 @@ def train_iterator(config, tokenizer, *, process_index=0, process_count=1):
             worker_init_fn=_worker_init)
       return ds
 
-    return BatchIterator(make_chunks, config.train.batch_size // shards, st)
+    return BatchIterator(make_chunks, config.train.batch_size // shards, st, len(shard_ids))
 
   return ShardedIterator({s: shard_iterator(s) for s in mine}, shards, st)
 
@@ -287,17 +296,22 @@ def eval_batches(config, tokenizer, *, process_index=0, process_count=1, max_bat
   builder = _builder(config, tokenizer, source, rng.EVAL)
   b = _local_batch(config, process_count)
   B, chunk = b * process_count, config.data.chunk_records
-  st = stats_ if stats_ is not None else stats.Stats(split_name)
+  st = stats_ if stats_ is not None else stats.Stats(split_name, source,
+                                                     config.data.max_bad_fraction)
   pending, count, lo = [], 0, 0
   emitted = 0
   while max_batches is None or emitted < max_batches:
     while count < B and lo < len(ids):
       rows = builder(ids[lo:lo + chunk], np.zeros(min(chunk, len(ids) - lo), np.int64))
       lo += chunk
-      st.add_chunk(rows.pop('_stats').sum(axis=0))
+      st.add_chunk(rows.pop('_stats'), rows.pop('_bad'))
       pending.append(rows)
       count += len(rows['input_ids'])
     if not count:
+      if not emitted and (max_batches is None or max_batches > 0):
+        raise DataError(f'{source.name}: no record of the {split_name} split gives any token '
+                        f'({len(ids)} records; data stats: bad_records={st.counts["bad_records"]}, '
+                        f'empty_records={st.counts["empty_records"]})')
       return
     batch = {k: np.concatenate([r[k] for r in pending]) for k in pending[0]}
     rest = {k: v[B:] for k, v in batch.items()}

@@ -11,9 +11,12 @@ from mlm_jax.errors import DataError
 class TfdsSource:
   """A TFDS dataset read through `tfds.data_source` (array_record, random access)."""
 
-  def __init__(self, name, split, data_dir, text_field, feature_names, limit=0):
+  def __init__(self, name, split, data_dir, text_field, feature_names, limit=0,
+               invalid_utf8='replace'):
     self.args = (name, split, data_dir or None)
     self.text_field, self.feature_names = text_field, tuple(feature_names)
+    self.invalid_utf8 = invalid_utf8
+    self._kind = None
     self.name = f'tfds:{name}[{split}]'
     self._ds = None
     self.n = len(self._source())
@@ -49,9 +52,16 @@ class TfdsSource:
     ids = np.asarray(ids_N).tolist()
     return zip(ids, self._source().__getitems__(ids))
 
+  @property
+  def kind(self) -> str:
+    """'text' or 'ids' (pre-tokenized by tools/prepare_corpus.py), from the first good record."""
+    if self._kind is None:
+      self._kind = sources.first_kind(self)
+    return self._kind
+
   def read(self, ids_N, counts) -> sources.Records:
     return sources.records_from_objects(self.objects(ids_N, counts), self.text_field,
-                                        self.feature_names, self.where)
+                                        self.feature_names, self.kind, self.invalid_utf8, counts)
 
   def split_keys(self, key_field, stratify_field):
     return sources.keys_from_objects(self, key_field, stratify_field)
@@ -72,4 +82,4 @@ def open_source(config, split: str) -> TfdsSource | None:
   if not tfds_split:
     return None
   return TfdsSource(d.tfds_name, tfds_split, d.tfds_data_dir, d.text_field,
-                    list(config.model.extra_embeddings.keys()), d.max_records)
+                    list(config.model.extra_embeddings.keys()), d.max_records, d.invalid_utf8)
