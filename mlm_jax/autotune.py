@@ -6,11 +6,9 @@ compiled memory fits the device's limit. Backends without a memory limit (CPU) g
 without compiling anything. Each candidate tried costs one compile, so the common case (the first
 fits) costs nothing extra: that program is the one training runs.
 """
-import copy
 from typing import Any, Callable
 
 import jax
-import numpy as np
 
 # Leave this fraction of the device's limit for what the compiled program does not count: the
 # allocator's fragmentation, eval-step buffers, checkpoint copies.
@@ -108,27 +106,3 @@ def pick_grad_accum(compile_step: Callable[[int], Any], batch_size: int, num_dev
   detail = (f'no train.grad_accum_steps fits {budget / 2**30:.2f} GiB '
             f'({headroom:.0%} of {limit / 2**30:.2f} GiB); tried {"; ".join(tried)}')
   raise OutOfMemory(oom_message(config, detail) if config is not None else detail)
-
-
-def train_step_compiler(trainer, local_batch: dict[str, np.ndarray]) -> Callable[[int], Any]:
-  """compile_step(a) for `pick_grad_accum`: the trainer's train step compiled for
-  grad_accum_steps=a, on the trainer's abstract state and the global shapes of `local_batch`
-  (nothing is allocated)."""
-  from mlm_jax import sharding as shd
-  from mlm_jax import steps
-
-  keys = tuple(sorted(local_batch))
-  sharding = shd.batch_sharding(trainer.mesh)
-  abstract_batch = {
-      k: jax.ShapeDtypeStruct((local_batch[k].shape[0] * jax.process_count(),
-                               *local_batch[k].shape[1:]), local_batch[k].dtype, sharding=sharding)
-      for k in keys}
-
-  def compile_step(accum: int):
-    config = copy.deepcopy(trainer.config)
-    config.train.grad_accum_steps = accum
-    jitted = steps.jit_train_step(trainer.graphdef, trainer.optimizer, trainer.schedule, config,
-                                  trainer.mesh, trainer.state_shardings, keys)
-    return jitted.lower(trainer.abstract_state, abstract_batch).compile()
-
-  return compile_step

@@ -1,28 +1,25 @@
-"""Checkpoints for bitwise-exact resume: train state, data-iterator position and run metadata.
+"""Checkpoints for bitwise-exact resume: train state and run metadata.
 
-One checkpoint is an orbax step directory with three items: 'state' (params, optimizer state, step,
-PRNG key data; StandardSave), 'data' (the grain iterator position of each process) and 'metadata'
-(JSON: the caller's config and the like, library versions and our SHA-256 of the state).
+One checkpoint is an orbax step directory with two items: 'state' (params, optimizer state, step,
+PRNG key data; StandardSave) and 'metadata' (JSON: the caller's config, the input position of every
+input shard, and the like, plus library versions and our SHA-256 of the state). The input position
+lives only in that JSON, so a checkpoint written by N processes resumes in any number of them.
 
 Orbax does not notice flipped bytes in an array file: it restores them silently. So every save
 records `digest(state)` and every restore recomputes it; a checkpoint that fails to read or does not
 match is logged, renamed to `<step>.corrupt-<time>` and the previous one is used.
 """
-import fnmatch
 import hashlib
 import importlib.metadata
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from typing import Any
 
 from absl import logging
 from etils import epath
-import grain
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -31,21 +28,9 @@ import orbax.checkpoint as ocp
 
 from mlm_jax.errors import ConfigError
 
-STATE, DATA, META = 'state', 'data', 'metadata'
+STATE, META = 'state', 'metadata'
 COMMIT_MARKER = 'commit_success.txt'  # orbax 0.12 writes it last, in every step directory
 _RESERVED_META = ('versions', 'state_sha256', 'checkpoint_info')
-
-# Config fields (fnmatch patterns over dotted paths) whose change breaks bitwise-exact resume:
-# parameter shapes/dtypes, every source of randomness or data order, and the update rule.
-EXACTNESS_BREAKING = ('model.*', 'seed', 'data.*', 'optimizer.*', 'train.batch_size',
-                      'train.grad_accum_steps', 'train.steps', 'train.overfit_one_batch',
-                      'sharding.fixed_order_reduction')
-# More specific patterns that stay free although a pattern above matches them. Eval fields of
-# `data` are not here: empty eval files/split mean "carve eval out of train", which changes train.
-# The pipeline's output does not depend on its worker count or buffer sizes (tests/test_resume.py).
-EXACTNESS_SAFE = ('data.cache_dir', 'data.num_workers', 'data.worker_buffer_size',
-                  'data.prefetch_chunks')
-
 
 class CheckpointError(RuntimeError):
   """A save failed, or no usable checkpoint could be restored."""
@@ -210,9 +195,7 @@ class Checkpointer:
     best_fn = lambda m: float(m.get(best_metric, worst))  # a renamed metric ranks last
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     for item, save_args, restore_args in ((STATE, ocp.args.StandardSave, ocp.args.StandardRestore),
-                                          (META, ocp.args.JsonSave, ocp.args.JsonRestore),
-                                          (DATA, grain.checkpoint.CheckpointSave,
-                                           grain.checkpoint.CheckpointRestore)):
+                                          (META, ocp.args.JsonSave, ocp.args.JsonRestore)):
       registry.add(item, save_args)
       registry.add(item, restore_args)
     policies = ocp.checkpoint_managers
@@ -272,7 +255,7 @@ class Checkpointer:
       raise CheckpointError(f'Saving checkpoint step {step} in {self.directory} failed: '
                             f'{_brief(e)}. The previous checkpoint is kept.') from e
 
-  def save(self, step: int, state, *, data_iterator=None, metadata: dict,
+  def save(self, step: int, state, *, metadata: dict,
            metrics: dict | None = None, force: bool = False) -> bool:
     """Starts saving `state` at `step`; returns whether it did. Raises an earlier save's failure."""
     if self._read_only:
@@ -291,12 +274,10 @@ class Checkpointer:
     metrics = _scalars(metrics)
     ranked = metrics if math.isfinite(metrics.get(self.best_metric, math.nan)) else None
     meta = {**_json_ready(metadata), 'versions': versions(), 'state_sha256': digest(state),
-            'checkpoint_info': {'step': step, 'has_data': data_iterator is not None,
-                                'process_count': jax.process_count(), 'saved_at': time.time(),
+            'checkpoint_info': {'step': step, 'process_count': jax.process_count(),
+                                'saved_at': time.time(),
                                 'metrics': metrics}}
     items = {STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}
-    if data_iterator is not None:
-      items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
     try:
       self._mngr.save(step, args=ocp.args.Composite(**items), metrics=ranked, force=True)
     except Exception as e:
@@ -330,8 +311,7 @@ class Checkpointer:
 
   # -- restore --------------------------------------------------------------------------------
 
-  def restore(self, abstract_state=None, *, data_iterator=None,
-              step: int | None = None) -> tuple[Any, dict] | None:
+  def restore(self, abstract_state=None, *, step: int | None = None) -> tuple[Any, dict] | None:
     """Returns (state, metadata) of the newest usable checkpoint, or None if there is none.
 
     `abstract_state` is a pytree of jax.ShapeDtypeStruct with shardings: arrays are restored
@@ -351,7 +331,7 @@ class Checkpointer:
     for s in steps:
       reason = 'unusable on another process'
       try:
-        state, meta = self._load_verified(s, abstract_state, data_iterator)
+        state, meta = self._load_verified(s, abstract_state)
         ok = True
       except _Unusable as e:
         reason, ok = str(e), False
@@ -367,7 +347,7 @@ class Checkpointer:
     raise CheckpointError(f'None of the checkpoints {steps} in {self.directory} is usable; '
                           'see the errors above.')
 
-  def _load_verified(self, step, abstract_state, data_iterator):
+  def _load_verified(self, step, abstract_state):
     """Restores one step and checks it against its recorded digest. Raises _Unusable."""
     if not (self._step_dir(step) / COMMIT_MARKER).exists():
       raise _Unusable(f'no {COMMIT_MARKER} (half-written)')
@@ -385,26 +365,12 @@ class Checkpointer:
         diff = sorted(set(want.items()) ^ set(have.items()))[:3]
         raise CheckpointError(f'Checkpoint step {step} in {self.directory} does not match the '
                               f'state to restore (path, (shape, dtype)) differences: {diff}')
-    info = meta.get('checkpoint_info', {})
-    if data_iterator is not None:
-      if not info.get('has_data'):
-        raise CheckpointError(f'Checkpoint step {step} has no data-iterator state to restore.')
-      if info.get('process_count') != jax.process_count():
-        raise CheckpointError(
-            f"Checkpoint step {step} holds the data position of {info.get('process_count')} "
-            f'processes, this run has {jax.process_count()}: an exact resume is impossible.')
     try:
       state = self._read_state(step, abstract_state)
     except Exception as e:  # noqa: BLE001
       raise _Unusable(f'cannot read its arrays: {_brief(e)}') from e
     if (got := digest(state)) != expected:
       raise _Unusable(f'state sha256 mismatch: recorded {expected}, restored arrays give {got}')
-    if data_iterator is not None:
-      try:
-        self._mngr.restore(step, args=ocp.args.Composite(
-            **{DATA: grain.checkpoint.CheckpointRestore(data_iterator)}))
-      except Exception as e:  # noqa: BLE001
-        raise _Unusable(f'cannot read the data-iterator state: {_brief(e)}') from e
     if (saved_versions := meta.get('versions')) != versions():
       logging.warning('Checkpoint step %d was written with %s; running %s.',
                       step, saved_versions, versions())
@@ -447,113 +413,3 @@ def read_checkpoint(directory, step: int | None = None) -> tuple[int, dict, dict
     return step, ckpt._read_state(step, _host_target(saved_tree)), meta
   finally:
     ckpt.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# Preemption.
-
-
-class Preemption:
-  """A stop flag set by SIGTERM/SIGINT; `should_stop(step)` is the same on every host."""
-
-  def __init__(self):
-    self._flag = threading.Event()
-    self._previous: dict[int, Any] = {}
-
-  def _handle(self, signum, frame):
-    del frame
-    if signum == signal.SIGINT and self._flag.is_set():
-      signal.signal(signal.SIGINT, self._previous.get(signal.SIGINT, signal.default_int_handler))
-      raise KeyboardInterrupt
-    self._flag.set()
-    logging.warning('Received %s: saving a checkpoint and stopping after this step '
-                    '(Ctrl-C again to abort at once).', signal.Signals(signum).name)
-
-  def install(self) -> 'Preemption':
-    signals = [signal.SIGINT]
-    # Under jax.distributed the coordination service owns SIGTERM: its preemption notifier
-    # makes every host stop at the same step. Replacing its handler would break that.
-    if not _distributed():
-      signals.append(signal.SIGTERM)
-    for s in signals:
-      self._previous[s] = signal.signal(s, self._handle)
-    return self
-
-  def uninstall(self):
-    for s, handler in self._previous.items():
-      signal.signal(s, handler)
-    self._previous.clear()
-
-  def should_stop(self, step: int) -> bool:
-    """Call every step on every host. Multi-host: only the JAX preemption sync point counts, since
-    a local signal on one host would make the hosts disagree (and hang in the next collective)."""
-    if _distributed():
-      if self._flag.is_set():
-        logging.log_first_n(logging.WARNING, 'Local stop signal ignored under multi-host; '
-                            'send SIGTERM to all hosts to use the preemption sync point.', 1)
-      return ocp.multihost.reached_preemption(step)  # False if the service is off
-    return self._flag.is_set()
-
-
-_current: Preemption | None = None
-
-
-def _distributed() -> bool:
-  return jax.process_count() > 1 or ocp.multihost.is_jax_distributed_client_initialized()
-
-
-def install_preemption_handler() -> Preemption:
-  """Sets a stop flag on SIGTERM/SIGINT (a second SIGINT raises KeyboardInterrupt). Main thread."""
-  global _current
-  if _current is not None:
-    _current.uninstall()
-  _current = Preemption().install()
-  return _current
-
-
-def should_stop(step: int) -> bool:
-  """`should_stop` of the installed handler; without one, only the multi-host sync point counts."""
-  if _current is not None:
-    return _current.should_stop(step)
-  return _distributed() and ocp.multihost.reached_preemption(step)
-
-
-# ---------------------------------------------------------------------------------------------
-# Resume validation.
-
-
-def _flatten(tree, prefix='') -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    key = f'{prefix}{k}'
-    if isinstance(v, dict) and v:
-      out.update(_flatten(v, key + '.'))
-    else:
-      out[key] = v
-  return out
-
-
-def breaks_exactness(field: str) -> bool:
-  match = lambda patterns: any(fnmatch.fnmatchcase(field, p) for p in patterns)
-  return match(EXACTNESS_BREAKING) and not match(EXACTNESS_SAFE)
-
-
-def validate_resume(saved_config: dict, config: dict, allow_inexact: bool = False) -> None:
-  """Refuses (ConfigError naming the field) a resume whose config change breaks exactness."""
-  to_dict = lambda c: c.to_dict() if hasattr(c, 'to_dict') else c
-  old, new = _flatten(_json_ready(to_dict(saved_config))), _flatten(_json_ready(to_dict(config)))
-  missing = object()
-  changed = sorted(k for k in old.keys() | new.keys()
-                   if old.get(k, missing) != new.get(k, missing) and breaks_exactness(k))
-  if new.get('optimizer.schedule') == old.get('optimizer.schedule') == 'constant':
-    changed = [k for k in changed if k != 'train.steps']  # the schedule does not depend on it
-  if not changed:
-    return
-  first = changed[0]
-  was, now = old.get(first, '<absent>'), new.get(first, '<absent>')
-  detail = (f'was {was!r} in the checkpoint, now {now!r}'
-            + (f' (also changed: {", ".join(changed[1:])})' if len(changed) > 1 else ''))
-  if not allow_inexact:
-    raise ConfigError(first, f'{detail}; this breaks exact resume. Restore the old value, use a '
-                      'new workdir, or set train.allow_inexact_resume=True.')
-  logging.warning('Inexact resume: config.%s %s.', first, detail)

@@ -2,9 +2,16 @@
 
 Workload files in `configs/` start from `base_config()` and change what they need. `validate()` runs
 before anything is compiled and rejects unknown fields and bad values with a `ConfigError` that names
-the field (`config.model.hidden_size: ...`).
+the field (`config.model.hidden_size: ...`). The rules for what may change on resume live here too
+(`validate_resume`), beside the fields they are about.
 """
+import fnmatch
+import json
+from typing import Any
+
 import ml_collections
+from absl import logging
+from ml_collections import config_dict
 
 from mlm_jax.data import config as data_config
 from mlm_jax.errors import ConfigError
@@ -86,8 +93,12 @@ def base_config() -> ml_collections.ConfigDict:
   # Global batch size in sequences, across all devices and hosts.
   t.batch_size = 32
   # Micro-batches per optimizer step (summed inside one jitted step); must divide batch_size.
-  # 0 = auto: the fewest whose compiled step fits device memory (same mathematics, less memory).
-  t.grad_accum_steps = 1
+  # 'auto' (or 0): the fewest whose compiled step fits device memory (same mathematics, less
+  # memory); the count picked is what config.json and the checkpoints record.
+  t.grad_accum_steps = config_dict.FieldReference(1, field_type=object)
+  # Device memory budget per device for grad_accum_steps='auto', in bytes (0 = the device's own
+  # limit; CPU has none, so 'auto' picks 1 there unless this is set).
+  t.device_memory_limit = 0
   # Log train metrics every this many steps.
   t.log_every = 50
   # Evaluate every this many steps (0 disables; an eval always runs at the last step if enabled).
@@ -165,7 +176,7 @@ _CHOICES = {
 _POSITIVE = ('model.num_layers', 'model.hidden_size', 'model.num_heads', 'model.intermediate_size',
              'model.vocab_size', 'model.max_len', 'model.type_vocab_size', 'train.steps',
              'train.batch_size', 'train.log_every')
-_NON_NEGATIVE = ('train.grad_accum_steps', 'train.profile_start_step', 'train.profile_num_steps', 'optimizer.warmup_steps', 'optimizer.weight_decay', 'optimizer.clip_norm',
+_NON_NEGATIVE = ('train.device_memory_limit', 'train.profile_start_step', 'train.profile_num_steps', 'optimizer.warmup_steps', 'optimizer.weight_decay', 'optimizer.clip_norm',
                  'optimizer.end_lr_ratio', 'train.eval_every', 'train.peak_flops',
                  'checkpoint.every', 'checkpoint.keep_best', 'train.max_nonfinite_in_a_row')
 
@@ -195,6 +206,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name, value in given.items():
     if name not in base:
       raise ConfigError(name, 'unknown field (see README "Config reference")')
+    if name == 'train.grad_accum_steps':
+      _check_grad_accum(value)
+      continue
     default = base[name]
     if isinstance(default, bool) and not isinstance(value, bool):
       raise ConfigError(name, f'expected true/false, got {value!r}')
@@ -222,7 +236,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError('model.dropout', f'must be in [0, 1), got {m.dropout}')
   if not 0 <= m.attention_dropout < 1:
     raise ConfigError('model.attention_dropout', f'must be in [0, 1), got {m.attention_dropout}')
-  if t.grad_accum_steps and t.batch_size % t.grad_accum_steps:
+  if not is_auto_accum(t.grad_accum_steps) and t.batch_size % t.grad_accum_steps:
     raise ConfigError('train.grad_accum_steps',
                       f'{t.grad_accum_steps} does not divide train.batch_size {t.batch_size}')
   if o.learning_rate <= 0:
@@ -230,12 +244,27 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not (0 <= o.b1 < 1 and 0 <= o.b2 < 1):
     raise ConfigError('optimizer.b1' if not 0 <= o.b1 < 1 else 'optimizer.b2', 'must be in [0, 1)')
   if o.warmup_steps > t.steps:
-    raise ConfigError('optimizer.warmup_steps', f'{o.warmup_steps} is longer than train.steps {t.steps}')
+    logging.warning('optimizer.warmup_steps=%d is longer than train.steps=%d: the learning rate '
+                    'never reaches its peak %g (it ends at %.3g)', o.warmup_steps, t.steps,
+                    o.learning_rate, o.learning_rate * t.steps / o.warmup_steps)
   if config.sharding.fsdp < 1 or (config.sharding.data < 1 and config.sharding.data != -1):
     raise ConfigError('sharding', 'data must be -1 or >= 1 and fsdp >= 1')
   if config.checkpoint.keep < 1:
     raise ConfigError('checkpoint.keep', 'must be >= 1 (the newest checkpoint is always kept)')
   data_config.validate(config)
+
+
+def is_auto_accum(value) -> bool:
+  """train.grad_accum_steps asks for the automatic choice ('auto' or 0)."""
+  return value == 0 or value == 'auto'
+
+
+def _check_grad_accum(value):
+  if is_auto_accum(value):
+    return
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ConfigError('train.grad_accum_steps',
+                      f"expected a count >= 1, or 'auto' (or 0) to pick one, got {value!r}")
 
 
 def resolve_dtype(name: str, backend: str) -> str:
@@ -248,3 +277,60 @@ def resolve_dtype(name: str, backend: str) -> str:
 def max_predictions(config) -> int:
   """P, the fixed number of prediction slots per sequence."""
   return data_config.max_predictions(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# What may change on resume.
+
+# Config fields (fnmatch patterns over dotted paths) whose change breaks bitwise-exact resume:
+# parameter shapes/dtypes, every source of randomness or data order, and the update rule.
+EXACTNESS_BREAKING = ('model.*', 'seed', 'data.*', 'optimizer.*', 'train.batch_size',
+                      'train.grad_accum_steps', 'train.steps', 'train.overfit_one_batch',
+                      'sharding.fixed_order_reduction')
+# More specific patterns that stay free although a pattern above matches them. Eval fields of
+# `data` are not here: empty eval files/split mean "carve eval out of train", which changes train.
+# The pipeline's output does not depend on its worker count or buffer sizes (tests/test_resume.py).
+EXACTNESS_SAFE = ('data.cache_dir', 'data.num_workers', 'data.worker_buffer_size',
+                  'data.prefetch_chunks')
+
+
+def _json_ready(obj):
+  """What JSON would give back (tuples become lists), so saved and live configs compare equal."""
+  return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, 'item') else str(o)))
+
+
+def _flat_dict(tree, prefix='') -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    key = f'{prefix}{k}'
+    if isinstance(v, dict) and v:
+      out.update(_flat_dict(v, key + '.'))
+    else:
+      out[key] = v
+  return out
+
+
+def breaks_exactness(field: str) -> bool:
+  match = lambda patterns: any(fnmatch.fnmatchcase(field, p) for p in patterns)
+  return match(EXACTNESS_BREAKING) and not match(EXACTNESS_SAFE)
+
+
+def validate_resume(saved_config: dict, config: dict, allow_inexact: bool = False) -> None:
+  """Refuses (ConfigError naming the field) a resume whose config change breaks exactness."""
+  to_dict = lambda c: c.to_dict() if hasattr(c, 'to_dict') else c
+  old, new = _flat_dict(_json_ready(to_dict(saved_config))), _flat_dict(_json_ready(to_dict(config)))
+  missing = object()
+  changed = sorted(k for k in old.keys() | new.keys()
+                   if old.get(k, missing) != new.get(k, missing) and breaks_exactness(k))
+  if new.get('optimizer.schedule') == old.get('optimizer.schedule') == 'constant':
+    changed = [k for k in changed if k != 'train.steps']  # the schedule does not depend on it
+  if not changed:
+    return
+  first = changed[0]
+  was, now = old.get(first, '<absent>'), new.get(first, '<absent>')
+  detail = (f'was {was!r} in the checkpoint, now {now!r}'
+            + (f' (also changed: {", ".join(changed[1:])})' if len(changed) > 1 else ''))
+  if not allow_inexact:
+    raise ConfigError(first, f'{detail}; this breaks exact resume. Restore the old value, use a '
+                      'new workdir, or set train.allow_inexact_resume=True.')
+  logging.warning('Inexact resume: config.%s %s.', first, detail)

@@ -27,14 +27,25 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from mlm_jax import autotune, distributed, train  # after flag parsing: --help stays fast
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  # After flag parsing (--help stays fast) and before anything touches a JAX backend.
+  from mlm_jax import autotune, checkpoint, distributed, train
   try:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, stop_after=_STOP_AFTER.value)
-  except (ConfigError, DataError, train.TrainingHalted, autotune.OutOfMemory) as e:
-    logging.error('%s', e)
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  except (ConfigError, DataError, checkpoint.CheckpointError, train.TrainingHalted,
+          autotune.OutOfMemory) as e:
+    fail(e)
+
+
+def fail(error: Exception):
+  """An expected failure: the whole message in the log, one `error:` line on stderr, status 2.
+
+  Checkpoints and metrics already written stay as they are (the loop's cleanup has run)."""
+  logging.error('%s', error)
+  line = ' '.join(part.strip() for part in str(error).splitlines() if part.strip())
+  sys.stderr.flush()
+  print(f'error: {line}', file=sys.stderr)
+  sys.exit(2)
 
 
 def parse_flags(argv):

@@ -1,14 +1,18 @@
 """The training loop: build everything from the config, resume if a checkpoint exists, train, evaluate.
 
-`train_and_evaluate(config, workdir)` is the whole program; `main.py` only parses flags.
+`train_and_evaluate(config, workdir)` is the whole program; `main.py` only parses flags. It reads as
+its parts: `_prepare` (check and copy the config), `_restore_or_init` (the newest usable checkpoint,
+else fresh parameters), `_resolve_grad_accum` ('auto' accumulation), then `_Loop` (steps, logging,
+eval, saves, stopping).
 """
+import contextlib
+import dataclasses
 import json
 import math
 import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -22,12 +26,14 @@ from mlm_jax import data
 from mlm_jax import metrics as metrics_lib
 from mlm_jax import model as model_lib
 from mlm_jax import optim
+from mlm_jax import preemption as preemption_lib
 from mlm_jax import sharding as shd
 from mlm_jax import steps
 
 
 class TrainingHalted(RuntimeError):
-  """Raised when training cannot go on (non-finite loss); the message says why and where."""
+  """Raised when training cannot go on (non-finite loss, out of memory); the message says why and
+  where."""
 
 
 def build_model(config, backend: str | None = None):
@@ -40,7 +46,7 @@ def build_model(config, backend: str | None = None):
 
 
 class Trainer:
-  """Holds the compiled steps, the sharded state and the input; `train_and_evaluate` drives it."""
+  """Holds the compiled steps, the sharded state and the mesh; `train_and_evaluate` drives it."""
 
   def __init__(self, config, workdir: str | None = None, devices=None):
     """`devices`: the mesh's devices (default: all of them)."""
@@ -72,13 +78,39 @@ class Trainer:
   def init_state(self):
     return self._init(jax.random.key(self.config.seed))
 
-  def compile_steps(self, batch_keys):
-    self.batch_keys = tuple(sorted(batch_keys))
-    self._train_step = steps.jit_train_step(
-        self.graphdef, self.optimizer, self.schedule, self.config, self.mesh, self.state_shardings,
-        self.batch_keys)
-    self._eval_step = steps.jit_eval_step(self.graphdef, self.mesh, self.state_shardings['params'],
-                                          self.batch_keys, self.config.sharding.fixed_order_reduction)
+  def abstract_batch(self, local_batch: dict) -> dict:
+    """Global shapes (all processes' rows) and shardings of a batch like `local_batch`."""
+    sharding = shd.batch_sharding(self.mesh)
+    return {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(), *v.shape[1:]), v.dtype,
+                                    sharding=sharding)
+            for k, v in sorted(local_batch.items())}
+
+  def compile_train_step(self, local_batch: dict, grad_accum_steps: int):
+    """The train step compiled ahead of time for batches shaped like `local_batch`."""
+    config = self.config.copy_and_resolve_references()
+    config.train.grad_accum_steps = grad_accum_steps
+    jitted = steps.jit_train_step(self.graphdef, self.optimizer, self.schedule, config, self.mesh,
+                                  self.state_shardings, tuple(sorted(local_batch)))
+    return jitted.lower(self.abstract_state, self.abstract_batch(local_batch)).compile()
+
+  def compile_steps(self, local_batch: dict):
+    """Compiles the train and eval steps ahead of time for batches shaped like `local_batch` (the
+    shared compile-ahead path of training and `mlm_jax.evaluate`); logs the time it took."""
+    tic = time.perf_counter()
+    self.batch_keys = tuple(sorted(local_batch))
+    abstract_batch = self.abstract_batch(local_batch)
+    self._eval_step = steps.jit_eval_step(
+        self.graphdef, self.mesh, self.state_shardings['params'], self.batch_keys,
+        self.config.sharding.fixed_order_reduction).lower(
+            self.abstract_state['params'], abstract_batch).compile()
+    if not config_lib.is_auto_accum(self.config.train.grad_accum_steps):
+      self._train_step = self.compile_train_step(local_batch, self.config.train.grad_accum_steps)
+    logging.info('compiled the steps in %.1fs', time.perf_counter() - tic)
+
+  @property
+  def compiled_train_step(self):
+    """The compiled train step (memory analysis, HLO text) after `compile_steps`."""
+    return self._train_step
 
   def train_step(self, state, local_batch):
     return self._train_step(state, shd.global_batch(local_batch, self.mesh))
@@ -87,6 +119,8 @@ class Trainer:
     sums = {'loss_sum': 0.0, 'correct_sum': 0.0, 'weight_sum': 0.0}
     pending = []
     for local_batch in batches:
+      if self._eval_step is None:
+        self.compile_steps(local_batch)
       pending.append(self._eval_step(params, shd.global_batch(local_batch, self.mesh)))
     for m in jax.device_get(pending):
       for k in sums:
@@ -115,6 +149,10 @@ def _write_json(path, obj):
   os.replace(tmp, path)
 
 
+# ---------------------------------------------------------------------------------------------
+# The program.
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        stop_after: int | None = None) -> dict:
   """Trains (resuming from the newest checkpoint in workdir if any); returns the last metrics.
@@ -122,6 +160,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   `stop_after=N` stops at step N as a preemption would (checkpoint, then return): a notebook can
   train in slices, and tests interrupt runs at a chosen step.
   """
+  config, workdir = _prepare(config, workdir)
+  is_main = jax.process_index() == 0
+  tokenizer = data.build_tokenizer(config)  # checks model.vocab_size against the vocabulary
+  trainer = Trainer(config, workdir)  # checks the mesh against the devices
+  os.makedirs(workdir, exist_ok=True)  # only now: a rejected config writes nothing
+  logging.info('model: %s parameters (%s in the encoder blocks), compute dtype %s, mesh %s',
+               f"{trainer.param_counts['total']:,}", f"{trainer.param_counts['encoder']:,}",
+               trainer.model_cfg.dtype, dict(trainer.mesh.shape))
+  with contextlib.ExitStack() as stack:
+    train_iter = data.train_iterator(config, tokenizer, process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+    stack.callback(train_iter.close)
+    k = config.checkpoint
+    checkpointer = ckpt.Checkpointer(
+        os.path.join(workdir, 'checkpoints'), keep=k.keep, keep_best=k.keep_best,
+        best_metric=k.best_metric, best_mode=k.best_mode, async_save=k.async_save)
+    stack.callback(checkpointer.close)
+    state, start_step, meta = _restore_or_init(config, trainer, checkpointer, train_iter)
+    first_batch = next(train_iter)
+    _resolve_grad_accum(config, trainer, first_batch)
+    resolved = config.to_dict()
+    resolved['model']['dtype'] = trainer.model_cfg.dtype
+    if is_main:
+      _write_json(os.path.join(workdir, 'config.json'), resolved)
+      tokenizer.save(os.path.join(workdir, 'tokenizer'))
+    trainer.compile_steps(first_batch)
+    writer = metrics_lib.Writer(workdir, enabled=is_main, resume_step=start_step,
+                                wandb_project=config.train.wandb_project, config=resolved)
+    stack.callback(writer.close)
+    preemption = preemption_lib.install()
+    stack.callback(preemption.uninstall)
+    loop = _Loop(config, resolved, workdir, trainer, tokenizer, train_iter, checkpointer, writer,
+                 preemption, EarlyStopping(config.train.early_stopping_patience, k.best_mode,
+                                           meta.get('early_stopping')))
+    return loop.run(state, start_step, first_batch, stop_after)
+
+
+def _prepare(config, workdir: str):
+  """Validated private copy of the config ('auto' accumulation as 0) and the absolute workdir."""
   config_lib.validate(config)
   quiet_library_logs()
   if '://' not in workdir:
@@ -129,173 +206,57 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if config.train.compilation_cache_dir:  # a restarted run loads its programs instead of compiling
     jax.config.update('jax_compilation_cache_dir',
                       os.path.expanduser(config.train.compilation_cache_dir))
-  config = ml_collections.ConfigDict(config.to_dict())  # a private, unlocked copy
-  is_main = jax.process_index() == 0
-  tokenizer = data.build_tokenizer(config)  # checks model.vocab_size against the vocabulary
-  trainer = Trainer(config, workdir)  # checks the mesh against the devices
-  os.makedirs(workdir, exist_ok=True)  # only now: a rejected config writes nothing
-  t = config.train
-  resolved = config.to_dict()
-  resolved['model']['dtype'] = trainer.model_cfg.dtype
-  if is_main:
-    _write_json(os.path.join(workdir, 'config.json'), resolved)
-    tokenizer.save(os.path.join(workdir, 'tokenizer'))
-  logging.info('model: %s parameters (%s in the encoder blocks), compute dtype %s, mesh %s',
-               f"{trainer.param_counts['total']:,}", f"{trainer.param_counts['encoder']:,}",
-               trainer.model_cfg.dtype, dict(trainer.mesh.shape))
+  values = config.to_dict()
+  if config_lib.is_auto_accum(values['train']['grad_accum_steps']):
+    values['train']['grad_accum_steps'] = 0  # an int field, so the count picked can replace it
+  return ml_collections.ConfigDict(values), workdir
 
-  train_iter = data.train_iterator(config, tokenizer, process_index=jax.process_index(),
-                                   process_count=jax.process_count())
-  checkpointer = ckpt.Checkpointer(
-      os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep,
-      keep_best=config.checkpoint.keep_best, best_metric=config.checkpoint.best_metric,
-      best_mode=config.checkpoint.best_mode,
-      async_save=config.checkpoint.async_save)
+
+def _restore_or_init(config, trainer, checkpointer, train_iter):
+  """(state, step, metadata) of the newest usable checkpoint, or a fresh state at step 0.
+
+  A changed config is refused before any array is read; with grad_accum_steps='auto' a resumed run
+  keeps the count its checkpoint was trained with."""
   latest = checkpointer.latest_step()
-  if latest is not None:  # refuse a changed config before touching any array
+  if latest is not None:
     try:
       saved_config = checkpointer.metadata(latest)['config']
     except Exception:  # noqa: BLE001 -- unreadable: restore() below falls back and says why
       saved_config = None
     if saved_config is not None:
-      ckpt.validate_resume(saved_config, resolved, allow_inexact=t.allow_inexact_resume)
+      if config_lib.is_auto_accum(config.train.grad_accum_steps):
+        config.train.grad_accum_steps = saved_config['train']['grad_accum_steps']
+      current = config.to_dict()
+      current['model']['dtype'] = trainer.model_cfg.dtype
+      config_lib.validate_resume(saved_config, current,
+                                 allow_inexact=config.train.allow_inexact_resume)
   restored = checkpointer.restore(trainer.abstract_state)
   if restored is None:
-    state = trainer.init_state()
-    start_step = 0
+    return trainer.init_state(), 0, {}
+  state, meta = restored
+  step = int(jax.device_get(state['step']))
+  if meta.get('data_state'):
+    train_iter.set_state(meta['data_state'])
   else:
-    state, meta = restored
-    start_step = int(jax.device_get(state['step']))
-    if meta.get('data_state'):
-      train_iter.set_state(meta['data_state'])
-    else:
-      logging.warning('checkpoint step %d has no input position: the input starts from the '
-                      'beginning (e.g. a checkpoint made by tools/import_hf.py)', start_step)
-    logging.info('resumed from step %d', start_step)
-  early = EarlyStopping(t.early_stopping_patience, config.checkpoint.best_mode,
-                        meta.get('early_stopping') if restored else None)
+    logging.warning('checkpoint step %d has no input position: the input starts from the '
+                    'beginning (e.g. a checkpoint made by tools/import_hf.py)', step)
+  if config_lib.is_auto_accum(config.train.grad_accum_steps):
+    config.train.grad_accum_steps = meta['config']['train']['grad_accum_steps']
+  logging.info('resumed from step %d', step)
+  return state, step, meta
 
-  writer = metrics_lib.Writer(workdir, enabled=is_main, resume_step=start_step,
-                              wandb_project=t.wandb_project, config=resolved)
-  preemption = ckpt.install_preemption_handler()
-  peak = metrics_lib.peak_flops_per_device(t.peak_flops) * jax.device_count()
-  mask_fraction = min(1.0, config.data.mask_rate)
-  flops_per_token = model_lib.model_flops_per_token(trainer.model_cfg, trainer.param_counts['encoder'],
-                                                    mask_fraction)
 
-  def metadata(step):
-    return {'config': resolved, 'step': step, 'early_stopping': early.state(),
-            'param_counts': trainer.param_counts, 'data_state': _gathered_input_state(train_iter)}
-
-  def save(step, eval_metrics=None, force=False):
-    if checkpointer.save(step, state, metadata=metadata(step),
-                         metrics=eval_metrics, force=force):
-      writer.write(step, {'checkpoint/blocking_s': checkpointer.last_blocking_s})
-
-  first_batch = next(train_iter) if t.overfit_one_batch else None
-  next_batch = lambda: first_batch if t.overfit_one_batch else next(train_iter)
-  acc = metrics_lib.Accumulator()
-  last = {}
-  nonfinite_in_a_row = 0
-  bar = _progress_bar(is_main and t.progress_bar, start_step, t.steps)
-  pending = None  # (step, metrics on device): fetched one step late so the device never waits
-  step = start_step
-  data_wait = 0.0
-  profiler = _Profiler(t.profile_start_step, t.profile_num_steps, os.path.join(workdir, 'profile'))
-  try:
-    while step < t.steps:
-      tic = time.perf_counter()
-      batch = next_batch()
-      data_wait += time.perf_counter() - tic
-      if trainer.batch_keys is None:
-        if t.grad_accum_steps == 0:
-          t.grad_accum_steps = autotune.pick_grad_accum(
-              autotune.train_step_compiler(trainer, batch), t.batch_size, jax.device_count(),
-              config=config)
-          logging.info('train.grad_accum_steps=0 (auto): %d micro-batches per step',
-                       t.grad_accum_steps)
-        trainer.compile_steps(batch.keys())
-      profiler.before(step)
-      try:
-        state, step_metrics = trainer.train_step(state, batch)
-      except Exception as e:  # noqa: BLE001 -- only out-of-memory is turned into advice
-        if autotune.is_resource_exhausted(e):
-          raise TrainingHalted(autotune.oom_message(config, str(e).splitlines()[0])) from e
-        raise
-      step += 1
-      if pending is not None:
-        nonfinite_in_a_row = _consume(pending, acc, nonfinite_in_a_row, config)
-      pending = (step, step_metrics)
-      if step == start_step + 1:  # the first step compiled: report it, keep it out of the speed
-        nonfinite_in_a_row = _consume(pending, acc, nonfinite_in_a_row, config)
-        pending = None
-        logging.info('compiled and ran the first step in %.1fs', time.perf_counter() - tic)
-        acc.restart_clock()
-        data_wait = 0.0
-      is_last = step == t.steps
-      do_log = step % t.log_every == 0 or is_last
-      do_eval = t.eval_every > 0 and (step % t.eval_every == 0 or is_last)
-      do_save = (config.checkpoint.every > 0 and step % config.checkpoint.every == 0) or is_last
-      stop = preemption.should_stop(step) or step == stop_after
-      if (do_log or do_eval or do_save or stop) and pending is not None:
-        nonfinite_in_a_row = _consume(pending, acc, nonfinite_in_a_row, config)
-        pending = None
-      if do_log:
-        elapsed = max(acc.train_seconds(), 1e-9)
-        tokens_per_sec = acc.timed_tokens / elapsed
-        last = {**acc.summary(), 'train/learning_rate': float(step_metrics['learning_rate']),
-                'train/tokens_per_sec': tokens_per_sec,
-                'train/step_time': elapsed / max(acc.timed_steps, 1),
-                'train/mfu': tokens_per_sec * flops_per_token / peak,
-                'train/data_wait_fraction': data_wait / elapsed}
-        if acc.grad_norms and max(acc.grad_norms) > t.grad_norm_warn:
-          logging.warning('step %d: gradient norm %.3g is above train.grad_norm_warn=%g',
-                          step, max(acc.grad_norms), t.grad_norm_warn)
-        writer.write(step, last)
-        acc.reset()
-        data_wait = 0.0
-        if bar:
-          bar.set_postfix(loss=f"{last['train/loss']:.3f}", lr=f"{last['train/learning_rate']:.2e}")
-      eval_metrics = None
-      tic = time.perf_counter()
-      if do_eval:
-        eval_metrics = trainer.evaluate(state['params'], data.eval_batches(
-            config, tokenizer, process_index=jax.process_index(),
-            process_count=jax.process_count(), max_batches=None if t.eval_steps < 0 else t.eval_steps))
-        writer.write(step, eval_metrics)
-        last.update(eval_metrics)
-        early.update(step, eval_metrics.get(config.checkpoint.best_metric))
-        if early.should_stop:
-          logging.info('early stopping at step %d: %s did not improve for %d evaluations '
-                       '(best %.4g at step %d)', step, config.checkpoint.best_metric,
-                       t.early_stopping_patience, early.best, early.best_step)
-      if do_save or stop or early.should_stop:
-        save(step, eval_metrics, force=is_last or stop or early.should_stop)
-      profiler.after(step, step_metrics)
-      acc.exclude(time.perf_counter() - tic)
-      if bar:
-        bar.update(1)
-      if stop:
-        checkpointer.wait()
-        logging.info('preempted: saved step %d in %s; run the same command to continue',
-                     step, checkpointer.directory)
-        break
-      if early.should_stop:
-        break
-    checkpointer.wait()
-  finally:
-    if bar:
-      bar.close()
-    writer.close()
-    checkpointer.close()
-    train_iter.close()
-    preemption.uninstall()
-  if early.best_step is not None:
-    logging.info('best %s = %.4g at step %d', config.checkpoint.best_metric, early.best,
-                 early.best_step)
-    last['best_step'] = early.best_step
-  last['step'] = step
-  return last
+def _resolve_grad_accum(config, trainer, local_batch):
+  """grad_accum_steps='auto': the fewest micro-batches whose compiled step fits device memory."""
+  t = config.train
+  if not config_lib.is_auto_accum(t.grad_accum_steps):
+    return
+  limit = t.device_memory_limit or None
+  t.grad_accum_steps = autotune.pick_grad_accum(
+      lambda a: trainer.compile_train_step(local_batch, a), t.batch_size, jax.device_count(),
+      memory_limit=limit, config=config)
+  trainer.config.train.grad_accum_steps = t.grad_accum_steps
+  logging.info("train.grad_accum_steps='auto': %d micro-batches per step", t.grad_accum_steps)
 
 
 def _gathered_input_state(train_iter) -> dict:
@@ -313,26 +274,171 @@ def _gathered_input_state(train_iter) -> dict:
           'shards': {str(s): {'chunk': int(c), 'row': int(r)} for s, c, r in every_S3.tolist()}}
 
 
-def _consume(pending, acc, nonfinite_in_a_row, config):
-  """Fetch one step's metrics and apply the non-finite policy."""
-  step, m = pending
-  m = jax.device_get(m)
-  acc.add(m)
-  if not m['nonfinite']:
-    return 0
-  nonfinite_in_a_row += 1
-  t = config.train
-  loss = float(m['loss_sum']) / max(float(m['weight_sum']), 1.0)
-  msg = (f'step {step}: non-finite loss ({loss}) or gradient norm ({float(m["grad_norm"])}); '
-         f'the update was not applied')
-  if t.nonfinite == 'halt':
-    raise TrainingHalted(msg + '. Halting (train.nonfinite=halt). Lower optimizer.learning_rate, '
-                         'set optimizer.clip_norm, or use train.nonfinite=skip.')
-  if nonfinite_in_a_row >= t.max_nonfinite_in_a_row:
-    raise TrainingHalted(msg + f'; {nonfinite_in_a_row} in a row '
-                         f'(train.max_nonfinite_in_a_row={t.max_nonfinite_in_a_row}). Halting.')
-  logging.warning(msg + ' (skipped, train.nonfinite=skip)')
-  return nonfinite_in_a_row
+@dataclasses.dataclass
+class _Loop:
+  """The step loop. Step t's metrics are fetched after step t+1 is dispatched (the device never
+  waits for Python), except where a log, eval, save or stop needs them at once."""
+  config: ml_collections.ConfigDict
+  resolved: dict  # the config as recorded in config.json and every checkpoint
+  workdir: str
+  trainer: Trainer
+  tokenizer: object
+  train_iter: object
+  checkpointer: ckpt.Checkpointer
+  writer: metrics_lib.Writer
+  preemption: preemption_lib.Preemption
+  early: 'EarlyStopping'
+
+  def __post_init__(self):
+    t = self.config.train
+    self.acc = metrics_lib.Accumulator()
+    self.last: dict = {}
+    self.nonfinite_in_a_row = 0
+    self.data_wait = 0.0
+    peak = metrics_lib.peak_flops_per_device(t.peak_flops) * jax.device_count()
+    per_token = model_lib.model_flops_per_token(
+        self.trainer.model_cfg, self.trainer.param_counts['encoder'],
+        min(1.0, self.config.data.mask_rate))
+    self.flops_per_token_over_peak = per_token / peak
+
+  def run(self, state, start_step: int, first_batch, stop_after: int | None) -> dict:
+    t = self.config.train
+    is_main = jax.process_index() == 0
+    bar = _progress_bar(is_main and t.progress_bar, start_step, t.steps)
+    profiler = _Profiler(t.profile_start_step, t.profile_num_steps,
+                         os.path.join(self.workdir, 'profile'))
+    batch, pending, step = first_batch, None, start_step
+    try:
+      while step < t.steps:
+        tic = time.perf_counter()
+        if batch is None:
+          batch = first_batch if t.overfit_one_batch else next(self.train_iter)
+        self.data_wait += time.perf_counter() - tic
+        profiler.before(step)
+        state, step_metrics = self._dispatch(state, batch)
+        batch = None
+        step += 1
+        if pending is not None:
+          self._consume(pending)
+        pending = (step, step_metrics)
+        if step == start_step + 1:  # the first step: report it, keep it out of the speed
+          self._consume(pending)
+          pending = None
+          logging.info('ran the first step in %.1fs', time.perf_counter() - tic)
+          self.acc.restart_clock()
+          self.data_wait = 0.0
+        is_last = step == t.steps
+        do_log = step % t.log_every == 0 or is_last
+        do_eval = t.eval_every > 0 and (step % t.eval_every == 0 or is_last)
+        every = self.config.checkpoint.every
+        do_save = (every > 0 and step % every == 0) or is_last
+        stop = self.preemption.should_stop(step) or step == stop_after
+        if (do_log or do_eval or do_save or stop) and pending is not None:
+          self._consume(pending)
+          pending = None
+        if do_log:
+          self._log(step, step_metrics)
+          if bar:
+            bar.set_postfix(loss=f"{self.last['train/loss']:.3f}",
+                            lr=f"{self.last['train/learning_rate']:.2e}")
+        tic = time.perf_counter()
+        eval_metrics = self._evaluate(step, state) if do_eval else None
+        if do_save or stop or self.early.should_stop:
+          self._save(step, state, eval_metrics, force=is_last or stop or self.early.should_stop)
+        profiler.after(step, step_metrics)
+        self.acc.exclude(time.perf_counter() - tic)
+        if bar:
+          bar.update(1)
+        if stop:
+          self.checkpointer.wait()
+          since = self.preemption.seconds_since_signal()
+          logging.info('preempted: saved step %d in %s%s; run the same command to continue',
+                       step, self.checkpointer.directory,
+                       '' if since is None else f' ({since:.1f}s after the signal)')
+          break
+        if self.early.should_stop:
+          break
+      self.checkpointer.wait()
+    finally:
+      if bar:
+        bar.close()
+    if self.early.best_step is not None:
+      logging.info('best %s = %.4g at step %d', self.config.checkpoint.best_metric,
+                   self.early.best, self.early.best_step)
+      self.last['best_step'] = self.early.best_step
+    self.last['step'] = step
+    return self.last
+
+  def _dispatch(self, state, batch):
+    try:
+      return self.trainer.train_step(state, batch)
+    except Exception as e:  # noqa: BLE001 -- only out-of-memory is turned into advice
+      if autotune.is_resource_exhausted(e):
+        raise TrainingHalted(autotune.oom_message(self.config, str(e).splitlines()[0])) from e
+      raise
+
+  def _consume(self, pending):
+    """Fetch one step's metrics and apply the non-finite policy (train.nonfinite)."""
+    step, m = pending
+    m = jax.device_get(m)
+    self.acc.add(m)
+    if not m['nonfinite']:
+      self.nonfinite_in_a_row = 0
+      return
+    self.nonfinite_in_a_row += 1
+    t = self.config.train
+    loss = float(m['loss_sum']) / max(float(m['weight_sum']), 1.0)
+    msg = (f'step {step}: non-finite loss ({loss}) or gradient norm ({float(m["grad_norm"])}); '
+           f'the update was not applied')
+    newest = self.checkpointer.latest_step()
+    where = (f' The newest checkpoint is step {newest} in {self.checkpointer.directory}.'
+             if newest is not None else ' No checkpoint was saved yet.')
+    if t.nonfinite == 'halt':
+      raise TrainingHalted(msg + '. Halting (train.nonfinite=halt): lower optimizer.learning_rate, '
+                           'set optimizer.clip_norm, or use train.nonfinite=skip.' + where)
+    if self.nonfinite_in_a_row >= t.max_nonfinite_in_a_row:
+      raise TrainingHalted(msg + f'; {self.nonfinite_in_a_row} in a row '
+                           f'(train.max_nonfinite_in_a_row={t.max_nonfinite_in_a_row}). Halting.'
+                           + where)
+    logging.warning(msg + ' (skipped, train.nonfinite=skip)')
+
+  def _log(self, step, step_metrics):
+    t = self.config.train
+    elapsed = max(self.acc.train_seconds(), 1e-9)
+    tokens_per_sec = self.acc.timed_tokens / elapsed
+    self.last = {**self.acc.summary(),
+                 'train/learning_rate': float(step_metrics['learning_rate']),
+                 'train/tokens_per_sec': tokens_per_sec,
+                 'train/step_time': elapsed / max(self.acc.timed_steps, 1),
+                 'train/mfu': tokens_per_sec * self.flops_per_token_over_peak,
+                 'train/data_wait_fraction': self.data_wait / elapsed}
+    if self.acc.grad_norms and max(self.acc.grad_norms) > t.grad_norm_warn:
+      logging.warning('step %d: gradient norm %.3g is above train.grad_norm_warn=%g',
+                      step, max(self.acc.grad_norms), t.grad_norm_warn)
+    self.writer.write(step, self.last)
+    self.acc.reset()
+    self.data_wait = 0.0
+
+  def _evaluate(self, step, state) -> dict:
+    t, k = self.config.train, self.config.checkpoint
+    eval_metrics = self.trainer.evaluate(state['params'], data.eval_batches(
+        self.config, self.tokenizer, process_index=jax.process_index(),
+        process_count=jax.process_count(), max_batches=None if t.eval_steps < 0 else t.eval_steps))
+    self.writer.write(step, eval_metrics)
+    self.last.update(eval_metrics)
+    self.early.update(step, eval_metrics.get(k.best_metric))
+    if self.early.should_stop:
+      logging.info('early stopping at step %d: %s did not improve for %d evaluations '
+                   '(best %.4g at step %d)', step, k.best_metric, t.early_stopping_patience,
+                   self.early.best, self.early.best_step)
+    return eval_metrics
+
+  def _save(self, step, state, eval_metrics, force):
+    meta = {'config': self.resolved, 'step': step, 'early_stopping': self.early.state(),
+            'param_counts': self.trainer.param_counts,
+            'data_state': _gathered_input_state(self.train_iter)}
+    if self.checkpointer.save(step, state, metadata=meta, metrics=eval_metrics, force=force):
+      self.writer.write(step, {'checkpoint/blocking_s': self.checkpointer.last_blocking_s})
 
 
 class EarlyStopping:

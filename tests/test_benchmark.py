@@ -63,7 +63,8 @@ def test_pick_grad_accum_on_cpu_takes_the_smallest_without_compiling():
 def test_pick_grad_accum_picks_the_smallest_count_that_fits():
   config = tiny_config(**{'model.hidden_size': 64, 'model.intermediate_size': 256})
   trainer = train.Trainer(config, workdir=None)
-  compile_step = autotune.train_step_compiler(trainer, batches(config, 1)[0])
+  batch = batches(config, 1)[0]
+  compile_step = lambda a: trainer.compile_train_step(batch, a)
   need = {a: autotune.compiled_bytes(compile_step(a)) for a in (1, 4)}
   assert need[4] < need[1]  # smaller micro-batches, fewer live activations
   limit = int((need[1] + need[4]) / 2 / autotune.DEFAULT_HEADROOM)  # 1 does not fit, 4 does

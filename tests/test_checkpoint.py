@@ -16,6 +16,8 @@ from flax import nnx
 import pytest
 
 from mlm_jax import checkpoint as ckpt
+from mlm_jax import config as config_lib
+from mlm_jax import preemption
 from mlm_jax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,12 +90,14 @@ def test_round_trip_is_exact_including_data_position(tmp_path):
   it = data_iter()
   consumed = [next(it) for _ in range(3)]
   with ckpt.Checkpointer(tmp_path) as c:
-    assert c.save(3, state, data_iterator=it, metadata=META, metrics={'eval/loss': 1.0})
+    assert c.save(3, state, metadata={**META, 'data_state': it.get_state()},
+                  metrics={'eval/loss': 1.0})
     assert c.last_blocking_s > 0
     jax.tree.map(lambda x: x.delete(), state)  # what donating the state to the next step does
     expected_next = [next(it) for _ in range(4)]  # training goes on while the save is written
   fresh = data_iter()
-  restored, meta = ckpt.Checkpointer(tmp_path).restore(target, data_iterator=fresh)
+  restored, meta = ckpt.Checkpointer(tmp_path).restore(target)
+  fresh.set_state(meta['data_state'])  # the input position travels in the JSON metadata
   assert_bitwise_equal(restored, host_copy)
   assert ckpt.digest(restored) == live_digest == meta['state_sha256']
   for got, want in zip([next(fresh) for _ in range(4)], expected_next):
@@ -258,36 +262,36 @@ def test_validate_resume():
            'train': {'steps': 100, 'batch_size': 8, 'eval_every': 10}, 'checkpoint': {'keep': 2}}
   changed = lambda section, key, value: {**saved, section: {**saved[section], key: value}}
   with pytest.raises(ConfigError, match='model.hidden_size') as e:
-    ckpt.validate_resume(saved, changed('model', 'hidden_size', 256), allow_inexact=False)
+    config_lib.validate_resume(saved, changed('model', 'hidden_size', 256), allow_inexact=False)
   assert e.value.field == 'model.hidden_size' and '128' in str(e.value) and '256' in str(e.value)
   for section, field, value in [('data', 'max_len', 128), ('data', 'eval_files', 'x.txt'),
                                 ('train', 'batch_size', 16)]:
     with pytest.raises(ConfigError, match=f'{section}.{field}'):
-      ckpt.validate_resume(saved, changed(section, field, value), allow_inexact=False)
+      config_lib.validate_resume(saved, changed(section, field, value), allow_inexact=False)
   with pytest.raises(ConfigError, match='seed'):
-    ckpt.validate_resume(saved, {**saved, 'seed': 2}, allow_inexact=False)
+    config_lib.validate_resume(saved, {**saved, 'seed': 2}, allow_inexact=False)
   for section, field, value in [('train', 'eval_every', 5), ('checkpoint', 'keep', 5),
                                 ('data', 'cache_dir', '/tmp'), ('data', 'num_workers', 4)]:
-    ckpt.validate_resume(saved, changed(section, field, value), allow_inexact=False)
+    config_lib.validate_resume(saved, changed(section, field, value), allow_inexact=False)
   # A longer run changes a decaying schedule, so only a constant schedule may change train.steps.
   with pytest.raises(ConfigError, match='train.steps'):
-    ckpt.validate_resume(saved, changed('train', 'steps', 1000), allow_inexact=False)
+    config_lib.validate_resume(saved, changed('train', 'steps', 1000), allow_inexact=False)
   constant = {**saved, 'optimizer': {'schedule': 'constant'}}
-  ckpt.validate_resume(constant, {**constant, 'train': {**saved['train'], 'steps': 1000}},
+  config_lib.validate_resume(constant, {**constant, 'train': {**saved['train'], 'steps': 1000}},
                        allow_inexact=False)
-  ckpt.validate_resume(saved, changed('model', 'hidden_size', 256), allow_inexact=True)
+  config_lib.validate_resume(saved, changed('model', 'hidden_size', 256), allow_inexact=True)
 
 
 def test_preemption_handler():
   original = signal.getsignal(signal.SIGTERM)
-  handler = ckpt.install_preemption_handler()
+  handler = preemption.install()
   try:
-    assert not ckpt.should_stop(1)
+    assert not preemption.should_stop(1)
     os.kill(os.getpid(), signal.SIGINT)
-    assert handler.should_stop(2) and ckpt.should_stop(2)
+    assert handler.should_stop(2) and preemption.should_stop(2)
     with pytest.raises(KeyboardInterrupt):
       os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C aborts at once
-    handler = ckpt.install_preemption_handler()
+    handler = preemption.install()
     assert not handler.should_stop(3)
     os.kill(os.getpid(), signal.SIGTERM)
     assert handler.should_stop(3)
@@ -297,12 +301,12 @@ def test_preemption_handler():
 
 
 def test_exactness_fields_are_listed_in_one_place():
-  assert ckpt.breaks_exactness('model.num_layers') and ckpt.breaks_exactness('seed')
-  assert ckpt.breaks_exactness('data.mask_rate') and ckpt.breaks_exactness('train.grad_accum_steps')
-  assert ckpt.breaks_exactness('train.steps')  # a decaying schedule depends on it
+  assert config_lib.breaks_exactness('model.num_layers') and config_lib.breaks_exactness('seed')
+  assert config_lib.breaks_exactness('data.mask_rate') and config_lib.breaks_exactness('train.grad_accum_steps')
+  assert config_lib.breaks_exactness('train.steps')  # a decaying schedule depends on it
   for free in ('data.num_workers', 'train.log_every', 'checkpoint.every', 'data.cache_dir',
                'train.eval_every'):
-    assert not ckpt.breaks_exactness(free), free
+    assert not config_lib.breaks_exactness(free), free
 
 
 _TWO_PROCESS_WORKER = r'''
@@ -326,9 +330,9 @@ old, new = make(0), make(1)
 it = data()
 next(it)
 with ckpt.Checkpointer(workdir) as c:
-  c.save(1, old, data_iterator=it, metadata={})
+  c.save(1, old, metadata={'data_state': it.get_state()})
   want = next(it)
-  c.save(2, new, data_iterator=it, metadata={})
+  c.save(2, new, metadata={'data_state': it.get_state()})
 if pid == 0:  # flip bytes in the newest checkpoint's largest array file
   files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(workdir, '2', 'state'))
            for f in fs if os.path.basename(r) == 'd']
@@ -340,8 +344,14 @@ if pid == 0:  # flip bytes in the newest checkpoint's largest array file
 from jax.experimental import multihost_utils
 multihost_utils.sync_global_devices('flipped')
 target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), old, sh)
-it2 = data()
-state, meta = ckpt.Checkpointer(workdir).restore(target, data_iterator=it2)
+state, meta = ckpt.Checkpointer(workdir).restore(target)
+# The JSON metadata is written by process 0, so it holds process 0's position (the trainer
+# gathers every shard's position into it): every process checks that one.
+shard0 = lambda: iter(grain.MapDataset.range(100).shuffle(seed=1)[0::2].batch(4).to_iter_dataset())
+reference = shard0()
+want = [next(reference) for _ in range(2)][1]
+it2 = shard0()
+it2.set_state(meta['data_state'])
 print('RESULT', meta['checkpoint_info']['step'], ckpt.digest(state) == ckpt.digest(old),
       np.array_equal(next(it2), want), ckpt.digest(old))
 '''

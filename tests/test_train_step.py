@@ -30,7 +30,7 @@ def fresh(config):
   """(trainer, initial state, one compiled-for batch) for tests that probe a single step."""
   trainer = make_trainer(config)
   batch = batches(config, 1)[0]
-  trainer.compile_steps(batch.keys())
+  trainer.compile_steps(batch)
   return trainer, trainer.init_state(), batch
 
 
@@ -55,7 +55,7 @@ def _run(config, n_steps, devices, seed):
   trainer = make_trainer(config, devices)
   state = trainer.init_state()
   bs = batches(config, n_steps, seed)
-  trainer.compile_steps(bs[0].keys())
+  trainer.compile_steps(bs[0])
   losses = []
   for b in bs:
     state, m = trainer.train_step(state, b)
@@ -129,7 +129,7 @@ def test_logged_learning_rate_is_the_one_applied_and_schedule_counts_optimizer_s
   trainer = make_trainer(c)
   state = trainer.init_state()
   bs = batches(c, 3)
-  trainer.compile_steps(bs[0].keys())
+  trainer.compile_steps(bs[0])
   lrs = []
   for b in bs:
     state, m = trainer.train_step(state, b)

@@ -93,7 +93,6 @@ def main(argv=None):
 
   import jax  # pylint: disable=import-outside-toplevel
   from mlm_jax import config as config_lib  # pylint: disable=import-outside-toplevel
-  from mlm_jax import sharding as shd  # pylint: disable=import-outside-toplevel
   from mlm_jax import train  # pylint: disable=import-outside-toplevel
   from mlm_jax.synthetic import random_batch  # pylint: disable=import-outside-toplevel
 
@@ -102,7 +101,7 @@ def main(argv=None):
   state = trainer.init_state()
   p = config_lib.max_predictions(config)
   batches = [random_batch(i, args.batch, args.seq, p, args.vocab) for i in range(steps)]
-  trainer.compile_steps(batches[0].keys())
+  trainer.compile_steps(batches[0])
   for b in batches[:benchmark.COMPILE_STEPS]:  # compile and warm up outside the trace
     state, _ = trainer.train_step(state, b)
   jax.block_until_ready(state)
@@ -110,7 +109,7 @@ def main(argv=None):
     for b in batches:
       state, metrics = trainer.train_step(state, b)
       jax.block_until_ready((state, metrics))
-  hlo = trainer._train_step.lower(state, shd.global_batch(batches[0], trainer.mesh)).compile()
+  hlo = trainer.compiled_train_step
   print(report(op_times(trace_dir, steps), hlo_index(hlo.as_text()), top))
   print(f'trace: {trace_dir}')
 
