@@ -5,69 +5,59 @@
 Masks are fixed (the eval seed), so two evaluations of the same checkpoint and files agree exactly.
 Prints a final line `RESULT loss=... accuracy=... perplexity=... records=...`.
 """
-import json
-import os
 import sys
 
+import jax
 import ml_collections
-from absl import app, flags, logging
+from absl import app, flags
+from flax import nnx
 
+from mlm_jax import data, metrics, rundir, steps
+from mlm_jax import sharding as shd
 from mlm_jax.checkpoint import CheckpointError
 from mlm_jax.errors import ConfigError, DataError
 
-def load_run(workdir: str, step: int | None = None):
-  """(config, tokenizer, trainer, params, step) of a run directory, params restored and verified."""
-  from mlm_jax import checkpoint as ckpt
-  from mlm_jax import data, predict, train
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise DataError(f'{path}: not found; is {workdir!r} a training run directory?')
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  config.model.dtype = 'float32'  # evaluation numbers in full precision, on any device
-  tokenizer = data.load_tokenizer(os.path.join(workdir, 'tokenizer'))
-  trainer = train.Trainer(config, workdir)
-  step = predict.choose_step(workdir, step)  # best by the run's own best_metric, else newest
-  checkpointer = ckpt.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
-  try:
-    state, _ = checkpointer.restore(trainer.abstract_state, step=step)
-  finally:
-    checkpointer.close()
-  return config, tokenizer, trainer, state['params'], step
-
 
 def evaluate(workdir: str, files: str | None = None, step: int | None = None,
-             max_batches: int | None = None, run=None) -> dict:
-  """`run`: what load_run(workdir, step) returned, if the caller has it already."""
-  import jax
-  from mlm_jax import data
-  config, tokenizer, trainer, params, step = run or load_run(workdir, step)
-  config = config.copy_and_resolve_references()  # --files must not leak into the caller's config
+             max_batches: int | None = None, run: rundir.Loaded | None = None) -> dict:
+  """Loss, accuracy, perplexity, masked tokens and records of checkpoint `step` (default: the best
+  by the run's own best_metric, else the newest) on `files` (default: the run's eval split).
+  `run`: what rundir.load(workdir, step) returned, if the caller has it already."""
+  run = run or rundir.load(workdir, step)
+  config = ml_collections.ConfigDict(run.config)  # a private copy: --files must not leak
   if files:
     if config.data.source == 'tfds':
       raise ConfigError('data.source', "--files needs a 'text' or 'jsonl' run")
     config.data.eval_files = files
     config.data.max_records = 0
-  batches = data.eval_batches(config, tokenizer, process_index=jax.process_index(),
-                              process_count=jax.process_count(), max_batches=max_batches)
-  stats = {'records': 0}
-
-  def counted(batches):
-    for batch in batches:
-      if trainer.batch_keys is None:
-        trainer.compile_steps(batch.keys())
-      stats['records'] += int(batch['segment_ids'].max(axis=1).sum())  # packed: k records per row
-      yield batch
-
-  metrics = trainer.evaluate(params, counted(batches))
-  return {'step': step, 'loss': metrics['eval/loss'], 'accuracy': metrics['eval/accuracy'],
-          'perplexity': metrics['eval/perplexity'], 'masked_tokens': metrics['eval/masked_tokens'],
-          'records': stats['records']}
+  mesh = shd.make_mesh(config)  # the run's mesh and eval step: the numbers of its own evals
+  cfg = rundir.model_config(run.config, 'float32')  # full precision, on any device
+  graphdef, params = nnx.split(rundir.make_model(cfg, run.params))
+  params_shardings = shd.state_shardings(params, mesh)
+  params = jax.device_put(params, params_shardings)
+  eval_step = None
+  pending, records = [], 0
+  for batch in data.eval_batches(config, run.tokenizer, process_index=jax.process_index(),
+                                 process_count=jax.process_count(), max_batches=max_batches):
+    if eval_step is None:
+      eval_step = steps.jit_eval_step(graphdef, mesh, params_shardings, tuple(sorted(batch)),
+                                      config.sharding.fixed_order_reduction)
+    records += int(batch['segment_ids'].max(axis=1).sum())  # packed: k records per row
+    pending.append(eval_step(params, shd.global_batch(batch, mesh)))
+  sums = {'loss_sum': 0.0, 'correct_sum': 0.0, 'weight_sum': 0.0}
+  for m in jax.device_get(pending):
+    for k in sums:
+      sums[k] += float(m[k])
+  m = metrics.eval_summary(sums)
+  return {'step': run.step, 'loss': m['eval/loss'], 'accuracy': m['eval/accuracy'],
+          'perplexity': m['eval/perplexity'], 'masked_tokens': m['eval/masked_tokens'],
+          'records': records}
 
 
 def _define_flags():
   # Defined only when run as a program, so that tools can import this module and define their own.
-  flags.DEFINE_string('workdir', None, 'A training run directory.', required=True)
+  flags.DEFINE_string('workdir', None, 'A run directory, or one checkpoint step directory.',
+                      required=True)
   flags.DEFINE_string('files', None, 'Comma-separated globs of files to evaluate on; default: the '
                       'run\'s own eval split.')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: best if any, else latest).')

@@ -8,7 +8,6 @@ too. Several texts are one batch (one row each). `--step` defaults to the best c
 run's checkpoint.best_metric) if one was ranked, else the newest.
 """
 import dataclasses
-import json
 import os
 import re
 import sys
@@ -17,82 +16,34 @@ if __name__ == '__main__':  # a program, not an import: never grab an accelerato
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # before jax is imported
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from mlm_jax import checkpoint as ckpt  # noqa: E402
-from mlm_jax import data  # noqa: E402
 from mlm_jax import model as model_lib  # noqa: E402
+from mlm_jax import rundir  # noqa: E402
+from mlm_jax.checkpoint import CheckpointError  # noqa: E402
 from mlm_jax.errors import DataError  # noqa: E402
 
 MASK = '[MASK]'
 
 
-def choose_step(workdir: str, step: int | None = None) -> int:
-  """`step`, else the best ranked checkpoint, else the newest one."""
-  if step is not None:
-    return step
-  best_metric, best_mode = 'eval/loss', 'min'
-  config_path = os.path.join(workdir, 'config.json')
-  if os.path.exists(config_path):
-    with open(config_path) as f:
-      k = json.load(f).get('checkpoint', {})
-    best_metric, best_mode = k.get('best_metric', best_metric), k.get('best_mode', best_mode)
-  checkpointer = ckpt.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True,
-                                   best_metric=best_metric, best_mode=best_mode)
-  try:
-    step = checkpointer.best_step()
-    step = checkpointer.latest_step() if step is None else step
-  finally:
-    checkpointer.close()
-  if step is None:
-    raise ckpt.CheckpointError(f'No checkpoint in {workdir}/checkpoints')
-  return step
-
-
-def _unwrap(tree):
-  """The restored params tree without nnx's per-variable {'value': array} level, as numpy."""
-  if isinstance(tree, dict):
-    if set(tree) == {'value'} and not isinstance(tree['value'], dict):
-      return np.asarray(tree['value'])
-    return {k: _unwrap(v) for k, v in tree.items()}
-  return np.asarray(tree)
-
-
-def read_params(workdir: str, step: int | None = None) -> tuple[int, dict, dict]:
-  """(step, params as a nested dict of numpy arrays, the run's resolved config dict)."""
-  step = choose_step(workdir, step)
-  step, state, meta = ckpt.read_checkpoint(os.path.join(workdir, 'checkpoints'), step)
-  return step, _unwrap(state['params']), meta['config']
-
-
-def bert_config(config: dict, dtype: str = 'float32') -> model_lib.BertConfig:
-  """The BertConfig of a resolved config dict, for inference on the CPU."""
-  model_config = ml_collections.ConfigDict(config['model'])
-  cfg = model_lib.BertConfig.from_config(model_config, dtype)
+def inference_config(config: dict) -> model_lib.BertConfig:
+  """The BertConfig of a resolved config dict, for inference on the CPU in float32."""
+  cfg = rundir.model_config(config, 'float32')
   # scan: one compiled layer body, so a deep model compiles in a second or two (same numbers).
   return dataclasses.replace(cfg, attention_impl='xla', remat_policy='none', scan_layers=True)
-
-
-def make_model(cfg: model_lib.BertConfig, params: dict) -> model_lib.Bert:
-  """A Bert holding `params` (a nested dict of arrays, as `read_params` returns)."""
-  abstract = nnx.eval_shape(lambda: model_lib.Bert(cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-  return nnx.merge(graphdef, state)
 
 
 class Predictor:
   """A checkpoint and its tokenizer, ready to fill in masks."""
 
   def __init__(self, workdir: str, step: int | None = None):
-    self.step, params, self.config = read_params(workdir, step)
-    self.cfg = bert_config(self.config)
-    self.tokenizer = data.load_tokenizer(os.path.join(workdir, 'tokenizer'))
-    graphdef, state = nnx.split(make_model(self.cfg, params))
+    """`workdir`: a run directory or one checkpoint step directory."""
+    run = rundir.load(workdir, step)
+    self.step, self.config, self.tokenizer = run.step, run.config, run.tokenizer
+    self.cfg = inference_config(self.config)
+    graphdef, state = nnx.split(rundir.make_model(self.cfg, run.params))
     self._logits = jax.jit(lambda state, batch: nnx.merge(graphdef, state)(batch))
     self._state = state
 
@@ -212,7 +163,8 @@ def format_predictions(texts, results) -> str:
 
 def define_flags():
   """Only when run as a program: importing this module must not claim global flag names."""
-  flags.DEFINE_string('workdir', None, 'Run directory (checkpoints/, tokenizer/).')
+  flags.DEFINE_string('workdir', None, 'Run directory (checkpoints/, tokenizer/), or one '
+                      'checkpoint step directory of it.')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: best, else newest).')
   flags.DEFINE_integer('top_k', 5, 'Predictions shown per [MASK].')
   flags.DEFINE_multi_string('feature', [], 'Extra embedding input, name=id (default 0).')
@@ -228,7 +180,7 @@ def main(argv):
   try:
     predictor = Predictor(f.workdir, f.step)
     results = predictor.predict(texts, f.top_k, parse_features(f.feature))
-  except (ValueError, ckpt.CheckpointError, DataError) as e:
+  except (ValueError, CheckpointError, DataError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   print(f'step {predictor.step}')

@@ -10,7 +10,6 @@ import sys
 import types
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from mlm_jax import checkpoint as ckpt
 from mlm_jax import data
 from mlm_jax import model as model_lib
 from mlm_jax import predict
+from mlm_jax import rundir
 from mlm_jax import train
 from mlm_jax import wandb_writer
 from mlm_jax.errors import ConfigError
@@ -39,7 +39,7 @@ def run_dir(tmp_path_factory):
 
 
 def best_eval_step(workdir):
-  losses = plot_metrics.read_metrics(workdir)['eval/loss']
+  losses = rundir.read_metrics(workdir)['eval/loss']
   return losses[0][int(np.argmin(losses[1]))]
 
 
@@ -71,7 +71,7 @@ def init_run(workdir, tokenizer='char', extra=None, layer_norm='post'):
 
 
 def jitted_model(cfg, params):
-  graphdef, state = nnx.split(predict.make_model(cfg, params))
+  graphdef, state = nnx.split(rundir.make_model(cfg, params))
   apply = jax.jit(lambda state, batch: nnx.merge(graphdef, state)(batch))
   return lambda batch: np.asarray(apply(state, batch))
 
@@ -127,7 +127,7 @@ def test_hf_export_matches_ours_on_padded_and_packed_input(run_dir, tmp_path):
   from safetensors.numpy import save_file
 
   predictor = predict.Predictor(run_dir)
-  params = perturbed(predict.read_params(run_dir)[1])
+  params = perturbed(rundir.load(run_dir).params)
   out = str(tmp_path / 'hf')
   os.makedirs(out)
   save_file(export_hf.hf_state_dict(params, predictor.config), os.path.join(out, 'model.safetensors'))
@@ -162,8 +162,8 @@ def test_export_cli_then_import_gives_identical_params(run_dir, tmp_path):
           'special_tokens_map.json'} <= set(os.listdir(out))
   base = tiny()
   import_hf.import_hf(out, imported, base)
-  _, original, _ = predict.read_params(run_dir, 8)
-  step, restored, config = predict.read_params(imported)
+  original = rundir.load(run_dir, 8).params
+  step, config, _, restored = rundir.load(imported)
   assert step == 0
   assert jax.tree.structure(original) == jax.tree.structure(restored)
   for a, b in zip(jax.tree.leaves(original), jax.tree.leaves(restored)):
@@ -300,7 +300,7 @@ def test_plot_metrics_writes_a_png(run_dir, tmp_path):
   out = str(tmp_path / 'metrics.png')
   assert plot_metrics.main([run_dir, '--out', out]) == 0
   assert _is_png(out)
-  series = plot_metrics.read_metrics(run_dir)
+  series = rundir.read_metrics(run_dir)
   assert series['eval/loss'][0] == [6, 12] and len(series['train/loss'][0]) == 12
 
 

@@ -144,13 +144,14 @@ def export(workdir: str, out_dir: str, step: int | None = None,
   """Writes the HF directory; returns {'step', 'warnings', 'tokenizer'}."""
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
 
-  from mlm_jax import data, predict  # pylint: disable=import-outside-toplevel
+  from mlm_jax import rundir  # pylint: disable=import-outside-toplevel
 
-  with open(os.path.join(workdir, 'config.json')) as f:  # refuse before reading any array
-    check_exportable(json.load(f), drop_extra_embeddings)
-  step, params, config = predict.read_params(workdir, step)
-  warnings = check_exportable(config, drop_extra_embeddings)
-  tokenizer = data.load_tokenizer(os.path.join(workdir, 'tokenizer'))
+  run = rundir.resolve(workdir)
+  step = rundir.choose_step(run, step)
+  config = rundir.find_config(run, step)
+  warnings = check_exportable(config, drop_extra_embeddings)  # refuse before reading any array
+  tokenizer = rundir.load_tokenizer(run, step)
+  params, _ = rundir.read_params(run, step)
   tensors = hf_state_dict(params, config)
   os.makedirs(out_dir, exist_ok=True)
   save_file(tensors, os.path.join(out_dir, 'model.safetensors'), metadata={'format': 'pt'})
@@ -165,17 +166,20 @@ def export(workdir: str, out_dir: str, step: int | None = None,
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('workdir', help='run directory (config.json, tokenizer/, checkpoints/)')
+  parser.add_argument('workdir', help='run directory (config.json, tokenizer/, checkpoints/) '
+                      'or one checkpoint step directory of it')
   parser.add_argument('out', help='output directory for the Hugging Face files')
   parser.add_argument('--step', type=int, default=None, help='checkpoint step (default: best, else newest)')
   parser.add_argument('--drop_extra_embeddings', action='store_true',
                       help='export a model with extra embeddings without them (outputs will differ)')
   args = parser.parse_args(argv)
   from absl import logging  # pylint: disable=import-outside-toplevel
+  from mlm_jax.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
+  from mlm_jax.errors import DataError  # pylint: disable=import-outside-toplevel
   logging.set_verbosity(logging.ERROR)  # orbax logs every read
   try:
     result = export(args.workdir, args.out, args.step, args.drop_extra_embeddings)
-  except ExportError as e:
+  except (ExportError, CheckpointError, DataError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   for w in result['warnings']:

@@ -7,9 +7,10 @@
 HF_DIR holds config.json, model.safetensors (or pytorch_model.bin, which needs torch) and vocab.txt
 (or a WordPiece tokenizer.json). The model section comes from HF_DIR; everything else (data,
 optimizer, train, checkpoint) from --config (default: the base config, i.e. the shipped corpus).
-WORKDIR gets config.json, tokenizer/, vocab.txt, checkpoints/0 (the weights, a fresh optimizer
-state, the data iterator at its start) and import_config.py, the config to train with: a run may
-not change model/data/optimizer/steps fields of its checkpoint, so choose them here.
+WORKDIR gets config.json, tokenizer/, vocab.txt, checkpoints/0 (the weights and a fresh optimizer
+state; no input position, so training reads its input from the start) and import_config.py, the
+config to train with: a run may not change model/data/optimizer/steps fields of its checkpoint, so
+choose them here.
 `model.dtype='auto'` is resolved for the backend this runs on; import on the training machine or
 set --config.model.dtype.
 """
@@ -232,21 +233,17 @@ def import_hf(hf_dir: str, workdir: str, base_config, max_len: int | None = None
   with open(os.path.join(workdir, 'import_config.py'), 'w') as f:
     f.write(_CONFIG_TEMPLATE.format(hf_dir=os.path.abspath(hf_dir),
                                     config=json.dumps(resolved, indent=2, sort_keys=True)))
-  # The data position (the start) goes in too: a run resumes its iterator from the checkpoint.
-  train_iter = data.train_iterator(config, tokenizer, process_index=0, process_count=1)
   k = config.checkpoint
   checkpointer = ckpt.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=k.keep,
                                    keep_best=k.keep_best, best_metric=k.best_metric,
                                    best_mode=k.best_mode, async_save=False)
   try:
-    checkpointer.save(0, state, data_iterator=train_iter, force=True, metadata={
+    checkpointer.save(0, state, force=True, metadata={
         'config': resolved, 'step': 0, 'imported_from': os.path.abspath(hf_dir),
         'param_counts': model_lib.count_params(state['params'])})
     checkpointer.wait()
   finally:
     checkpointer.close()
-    if hasattr(train_iter, 'close'):
-      train_iter.close()
   return {'warnings': warnings, 'config': resolved}
 
 

@@ -6,9 +6,10 @@ Panels: loss, accuracy, perplexity (train line, eval dots), learning rate, gradi
 The default output is RUN_DIR/metrics.png. Needs matplotlib (pip install 'mlm_jax[plot]').
 """
 import argparse
-import json
 import os
 import sys
+
+from mlm_jax.rundir import read_metrics
 
 PANELS = (('loss', ('train/loss', 'eval/loss'), False),
           ('accuracy', ('train/accuracy', 'eval/accuracy'), False),
@@ -16,23 +17,6 @@ PANELS = (('loss', ('train/loss', 'eval/loss'), False),
           ('learning rate', ('train/learning_rate',), False),
           ('gradient norm', ('train/grad_norm',), True),
           ('tokens / s', ('train/tokens_per_sec',), False))
-
-
-def read_metrics(workdir: str) -> dict[str, tuple[list[int], list[float]]]:
-  """metric name -> (steps, values); a line cut short by a kill is skipped."""
-  series = {}
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      for k, v in row.items():
-        if k != 'step' and isinstance(v, (int, float)):
-          steps, values = series.setdefault(k, ([], []))
-          steps.append(row['step'])
-          values.append(v)
-  return series
 
 
 def plot(workdir: str, out: str | None = None) -> str:

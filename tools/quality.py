@@ -9,13 +9,12 @@ Baselines (counted on the run's training split, add-one smoothed):
 Prints a table and a final line `RESULT model_loss=... unigram_loss=... bigram_loss=...`.
 """
 import math
-import sys
 
+import ml_collections
 import numpy as np
 from absl import app, flags
 
-from mlm_jax import data
-from mlm_jax import evaluate as evaluate_lib
+from mlm_jax import data, evaluate, rundir
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A trained run directory.')
 _EVAL_FILES = flags.DEFINE_string('eval_files', None, 'Held-out files (default: the run\'s eval split).')
@@ -74,10 +73,10 @@ def score(config, tokenizer, unigram_V, bigram_VV, max_batches):
 
 def main(argv):
   del argv
-  run = evaluate_lib.load_run(_WORKDIR.value)
-  config, tokenizer, _, _, step = run
-  model = evaluate_lib.evaluate(_WORKDIR.value, _EVAL_FILES.value, max_batches=_MAX_BATCHES.value,
-                                run=run)
+  run = rundir.load(_WORKDIR.value)
+  model = evaluate.evaluate(_WORKDIR.value, _EVAL_FILES.value, max_batches=_MAX_BATCHES.value,
+                            run=run)
+  config, tokenizer, step = ml_collections.ConfigDict(run.config), run.tokenizer, run.step
   if _EVAL_FILES.value:
     config.data.eval_files = _EVAL_FILES.value
   unigram, bigram = count(config, tokenizer, _MAX_TRAIN_BATCHES.value)
