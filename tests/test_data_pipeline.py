@@ -238,12 +238,85 @@ def test_max_records_limits_the_corpus(tmp_path):
   assert len(pipeline.split_records(c, 'train')[1]) + len(pipeline.split_records(c, 'eval')[1]) == 10
 
 
-def test_whole_word_and_bernoulli_modes_run(shakespeare):
+def _pieces_of(batches, tok):
+  """(content ids, chosen mask) of every packed piece, from the unmasked ids and the slots."""
+  out = []
+  for b in batches:
+    ids = originals(b)
+    chosen = np.zeros(ids.shape, bool)
+    r, s = np.nonzero(b['mlm_weights'])
+    chosen[r, b['mlm_positions'][r, s]] = True
+    for row in range(len(ids)):
+      for seg in range(1, b['segment_ids'][row].max() + 1):
+        at = b['segment_ids'][row] == seg
+        out.append((ids[row][at][1:-1], chosen[row][at][1:-1]))  # without [CLS] / [SEP]
+  return out
+
+
+def _words(ids, tok):
+  """Brute force: word number of each token (-1 for special tokens). A word starts at a token
+  that is not a '##' continuation, at the piece's first token, or after a special token."""
+  word, out, prev_special = -1, [], True
+  for i in ids.tolist():
+    if i in tok.special_ids:
+      out.append(-1)
+      prev_special = True
+      continue
+    if prev_special or not tok.pieces[i].startswith('##'):
+      word += 1
+    out.append(word)
+    prev_special = False
+  return out
+
+
+@pytest.mark.parametrize('mode', ['exact', 'bernoulli'])
+def test_whole_word_masking_takes_whole_words(shakespeare, mode):
   c, tok = shakespeare
   c2 = ml_collections.ConfigDict(c.to_dict())
-  c2.data.whole_word_mask, c2.data.mask_mode = True, 'bernoulli'
-  batch = next(data.train_iterator(c2, tok))
-  assert batch['mlm_weights'].sum() > 0
+  c2.data.update(whole_word_mask=True, mask_mode=mode, max_predictions=c.model.max_len)  # no cap
+  pieces = _pieces_of(take(data.train_iterator(c2, tok), 12), tok)
+  words_total = words_chosen = 0
+  continued = 0
+  for ids, chosen in pieces:
+    word = _words(ids, tok)
+    members = collections.defaultdict(list)
+    for t, w in enumerate(word):
+      if w < 0:
+        assert not chosen[t]  # special tokens are never chosen
+      else:
+        members[w].append(bool(chosen[t]))
+    for flags in members.values():
+      assert all(flags) or not any(flags), (tok.decode(ids), flags)  # a word is all or nothing
+      continued += len(flags) > 1 and all(flags)
+    words_total += len(members)
+    words_chosen += sum(all(f) for f in members.values())
+    n, k = sum(w >= 0 for w in word), int(chosen.sum())
+    if mode == 'exact' and n:
+      # Whole words until max(1, round(0.15 n)) tokens are reached: at least that many, and less
+      # than that plus the longest chosen word.
+      want = max(1, int(0.15 * n + 0.5))
+      longest = max(len(f) for f in members.values() if all(f))
+      assert want <= k < want + longest, (n, k, want, longest)
+  assert len(pieces) > 300 and continued > 20  # multi-piece words were chosen, whole
+  if mode == 'bernoulli':  # each word independently with probability mask_rate
+    p = c.data.mask_rate
+    assert abs(words_chosen - p * words_total) < 4.5 * (words_total * p * (1 - p)) ** 0.5
+
+
+def test_bernoulli_masking_rate_through_the_pipeline(shakespeare):
+  c, tok = shakespeare
+  c2 = ml_collections.ConfigDict(c.to_dict())
+  c2.data.update(mask_mode='bernoulli', max_predictions=c.model.max_len)  # no cap to bias it
+  pieces = _pieces_of(take(data.train_iterator(c2, tok), 12), tok)
+  n = sum(int((~np.isin(ids, tok.special_ids)).sum()) for ids, _ in pieces)
+  k = sum(int(chosen.sum()) for _, chosen in pieces)
+  p = c.data.mask_rate
+  assert n > 10000 and abs(k - p * n) < 4.5 * (n * p * (1 - p)) ** 0.5
+  # Unlike 'exact', the count per piece is not a function of its length.
+  by_len = collections.defaultdict(set)
+  for ids, chosen in pieces:
+    by_len[len(ids)].add(int(chosen.sum()))
+  assert sum(len(v) > 1 for v in by_len.values()) > 10
 
 
 def test_tokenizer_round_trip_through_a_workdir(shakespeare, tmp_path):

@@ -89,12 +89,49 @@ def domain_file(tmp_path_factory):
   return str(path), len(names)
 
 
-def test_tld_vocabulary_is_deterministic_and_saved(domain_file, tmp_path):
+# Hand-worked: suffix counts com 3, co.uk 2, net 2, org 2, io 1 ('localhost' has none). The rule
+# (domains.py): most frequent first, ties by name; tld_vocab_size 6 = pad + other + 4 suffixes.
+HAND_NAMES = ['a.com', 'b.com', 'www.c.com', 'x.net', 'y.net', 'p.org', 'q.org', 'shop.z.co.uk',
+              'w.co.uk', 'solo.io', 'localhost']
+HAND_TLDS = ['com', 'co.uk', 'net', 'org']
+HAND_IDS = {'com': 2, 'co.uk': 3, 'net': 4, 'org': 5, 'io': domains.OTHER_TLD}
+
+
+def test_tld_vocabulary_hand_worked_and_independent_of_line_order(tmp_path):
+  for seed in range(4):  # the same vocabulary whatever the order of the names
+    names = list(np.random.default_rng(seed).permutation(HAND_NAMES)) if seed else HAND_NAMES
+    path = tmp_path / f'names{seed}.txt'
+    path.write_text('\n'.join(names) + '\n')
+    c = domain_config(tmp_path, str(path), tld_vocab_size=6, eval_fraction=0.0, stratify_field='')
+    tok = data.build_tokenizer(c)
+    assert tok.tlds == HAND_TLDS, seed
+    assert tok.tld_ids(list(HAND_IDS)).tolist() == list(HAND_IDS.values())
+    source, ids = data.split_records(c, 'train')
+    recs = source.with_tokenizer(tok).read(ids, __import__('collections').Counter())
+    by_text = dict(zip(recs.texts, recs.features['tld']))
+    assert by_text == {'a': 2, 'b': 2, 'c': 2, 'x': 4, 'y': 4, 'p': 5, 'q': 5, 'z': 3, 'w': 3,
+                       'solo': 1}
+  # Only the training split counts: eval names (here many .io ones) move nothing.
+  ev = tmp_path / 'eval.txt'
+  ev.write_text(''.join(f'n{i}.io\n' for i in range(20)))
+  c = domain_config(tmp_path, str(tmp_path / 'names0.txt'), tld_vocab_size=6, eval_files=str(ev),
+                    stratify_field='')
+  assert data.build_tokenizer(c).tlds == HAND_TLDS
+  c = domain_config(tmp_path, str(tmp_path / 'names0.txt'), tld_vocab_size=3, eval_fraction=0.0,
+                    stratify_field='')
+  assert data.build_tokenizer(c).tlds == ['com']  # the vocabulary size cuts the list
+
+
+def test_tld_vocabulary_of_the_shipped_names_by_brute_force(domain_file, tmp_path):
   path, _ = domain_file
   c = domain_config(tmp_path, path)
   tok = data.build_tokenizer(c)
-  assert tok.tlds == domains.tld_vocabulary(*data.split_records(c, "train"), 512)
-  assert tok.tlds[:3] == ['com', 'net', 'org']  # most frequent first
+  _, train = data.split_records(c, 'train')
+  lines = open(path).read().split('\n')[:-1]
+  counts = __import__('collections').Counter(
+      parts[1] for parts in (domains.split_name(lines[i]) for i in train.tolist()) if parts)
+  want = sorted(counts, key=lambda t: (-counts[t], t))[:c.data.tld_vocab_size - 2]
+  assert tok.tlds == want and len(want) > 20
   tok.save(str(tmp_path / 'tok'))
   back = data.load_tokenizer(str(tmp_path / 'tok'))
   assert isinstance(back, domains.DomainTokenizer) and back.tlds == tok.tlds
@@ -135,11 +172,23 @@ def test_stratified_split_is_disjoint_stable_and_per_suffix(domain_file, tmp_pat
   assert len(np.intersect1d(train, ev)) == 0 and len(train) + len(ev) == n
   _, ev2 = data.split_records(c, 'eval')
   np.testing.assert_array_equal(ev, ev2)
-  _, suffix_N, names = source.parsed()
-  for code in np.unique(suffix_N[suffix_N >= 0]):  # every suffix gets its share, rounded
-    size = int((suffix_N == code).sum())
-    share = sum((r + 0.5) / size < 0.02 for r in range(size))  # ~round(0.02 * size)
-    assert int((suffix_N[ev] == code).sum()) == share, names[code]
+  hash_N, suffix_N, names = source.parsed()
+  in_eval = np.zeros(n, bool)
+  in_eval[ev] = True
+  checked = 0
+  for code in np.unique(suffix_N[suffix_N >= 0]):  # brute force, suffix by suffix
+    members = sorted(np.flatnonzero(suffix_N == code).tolist(), key=lambda i: int(hash_N[i]))
+    share = __import__('fractions').Fraction(2, 100) * len(members)
+    got = [bool(in_eval[i]) for i in members]
+    # The documented rule: the round(0.02 * size) names with the lowest hashes go to eval.
+    k = sum(got)
+    assert got == [True] * k + [False] * (len(members) - k), names[code]
+    if share.denominator == 2:  # a tie: either neighbour
+      assert k in (int(share), int(share) + 1), names[code]
+    else:
+      assert k == round(share), names[code]
+      checked += k > 0
+  assert checked >= 3  # the big suffixes (com, net, org, ...) carry a share
   # Appending names of a new suffix moves no existing name between splits of other suffixes.
   more = tmp_path / 'more.txt'
   more.write_text(open(path).read() + 'a.example.travel\nb.example.travel\n')
