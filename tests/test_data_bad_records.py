@@ -319,3 +319,31 @@ def test_cli_trains_through_a_jsonl_corpus_with_bad_lines(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'skipped bad record' in proc.stderr and f'{path}:' in proc.stderr
   assert os.listdir(os.path.join(workdir, 'checkpoints'))
+
+
+def test_empty_text_of_either_kind_is_an_empty_record_not_a_bad_one(tmp_path):
+  for lines, kind in (([good(0), '{"text": []}', '{"text": ""}'], 'text'),
+                      (['{"text": []}', '{"text": [7, 8]}', '{"text": ""}', '{"text": "x"}'], 'ids')):
+    path = write_lines(tmp_path / f'{kind}.jsonl', lines)
+    src = sources.JsonlSource([path], str(tmp_path / 'cache'), 'text', [])
+    recs = src.read(np.arange(len(lines)), collections.Counter())
+    assert src.kind == kind
+    if kind == 'text':
+      assert recs.texts == ['record 0', '', ''] and not recs.bad
+    else:
+      assert [t.tolist() for t in recs.token_ids] == [[], [7, 8], []]
+      assert [k for k, _ in recs.bad] == [3]  # text in a pre-tokenized corpus
+
+
+def test_ids_that_do_not_fit_are_bad_records_not_crashes(tmp_path):
+  lines = ['{"text": [5, 6], "tld": 1}', '{"text": [5, 99999999999], "tld": 1}',
+           '{"text": [5], "tld": [99999999999]}', '{"text": [5], "tld": 99999999999}',
+           '{"text": [5, -1], "tld": 1}', '{"text": [50000], "tld": 1}']
+  path = write_lines(tmp_path / 'ids.jsonl', lines)
+  c = make_config(tmp_path, path, packing=False, chunk_records=6, bad_records='skip')
+  c.model.extra_embeddings = ml_collections.ConfigDict({'tld': 4})
+  c.train.batch_size = 1
+  it = data.train_iterator(c, data.build_tokenizer(c))
+  batch = next(it)
+  assert it.stats.counts['bad_records'] == 5 and it.stats.counts['pieces'] == 1
+  assert batch['segment_ids'].sum() == 4  # [CLS] 5 6 [SEP]

@@ -114,15 +114,24 @@ def _is_id_list(value) -> bool:
       isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)
 
 
+def _int32(value) -> np.ndarray | None:
+  """A list of ints as an int32 array; None if one does not fit."""
+  try:
+    return np.asarray(value, np.int32)
+  except OverflowError:
+    return None
+
+
 def _int_feature(value, name):
   """(value as int or int32 array, None) or (None, what is wrong)."""
   if isinstance(value, np.integer):
     return int(value), None
   if isinstance(value, int) and not isinstance(value, bool):
     return value, None
-  if _is_id_list(value):
-    return np.asarray(value, np.int32), None
-  return None, f'feature {name!r} must be an int or a list of ints, got {_short(value)}'
+  array = _int32(value) if _is_id_list(value) else None
+  if array is not None:
+    return array, None
+  return None, f'feature {name!r} must be an int or a list of ints (int32), got {_short(value)}'
 
 
 def _short(value) -> str:
@@ -146,8 +155,9 @@ def first_kind(source, block=256) -> str:
   for lo in range(0, len(source), block):
     for _, obj in source.objects(np.arange(lo, min(len(source), lo + block)), counts):
       if isinstance(obj, dict) and source.text_field in obj:
-        kind = text_kind(obj[source.text_field])
-        if kind:
+        value = obj[source.text_field]
+        kind = text_kind(value)
+        if kind == 'text' or (kind == 'ids' and len(value)):  # [] could be either
           return kind
   return 'text'
 
@@ -214,7 +224,7 @@ def _check_object(obj, text_field, feature_names, kind):
   got = text_kind(obj[text_field])
   if got is None:
     return f'{text_field!r} must be a string or a list of token ids, got {_short(obj[text_field])}'
-  if got != kind:
+  if got != kind and len(obj[text_field]):  # an empty list is an empty record of either kind
     return (f'{text_field!r} holds {"token ids" if got == "ids" else "text"}, but this corpus '
             f'holds {"text" if kind == "text" else "token ids"} (as its first record does)')
   for name in feature_names:
@@ -223,33 +233,47 @@ def _check_object(obj, text_field, feature_names, kind):
   return None
 
 
+def _parse_record(obj, text_field, feature_names, kind, invalid_utf8, counts):
+  """(text or int32 ids, {feature: value}, None) of a good record, or (None, None, why)."""
+  why = _check_object(obj, text_field, feature_names, kind)
+  feats = {}
+  for name in feature_names if why is None else ():
+    feats[name], why = _int_feature(obj[name], name)
+    if why:
+      break
+  if why:
+    return None, None, why
+  value = obj[text_field]
+  if isinstance(value, bytes):  # TFDS text
+    try:
+      value = value.decode('utf-8')
+    except UnicodeDecodeError:
+      counts['invalid_utf8_records'] += 1
+      if invalid_utf8 == 'skip':
+        return None, None, _SKIPPED_UTF8
+      value = value.decode('utf-8', 'replace')
+  if kind == 'text':
+    return (value if isinstance(value, str) else ''), feats, None  # '' for an empty list
+  value = np.zeros(0, np.int32) if isinstance(value, str) else _int32(value)
+  if value is None:
+    return None, None, f'{text_field!r} has a token id that is not an int32'
+  return value, feats, None
+
+
 def records_from_objects(objects, text_field, feature_names, kind, invalid_utf8='replace',
                          counts=None):
-  """Records of (record id, parsed object) pairs; malformed ones go to `Records.bad`."""
+  """Records of (record id, parsed object) pairs of a corpus of `kind` ('text' or 'ids');
+  malformed ones go to `Records.bad`."""
   counts = new_counts() if counts is None else counts
   keep, values, bad = [], [], []
   features = {name: [] for name in feature_names}
   for k, (_, obj) in enumerate(objects):
-    why = _check_object(obj, text_field, feature_names, kind)
-    feats = {}
-    for name in feature_names if why is None else ():
-      feats[name], why = _int_feature(obj[name], name)
-      if why:
-        break
-    value = None if why else obj[text_field]
-    if isinstance(value, bytes):  # TFDS text
-      try:
-        value = value.decode('utf-8')
-      except UnicodeDecodeError:
-        counts['invalid_utf8_records'] += 1
-        if invalid_utf8 == 'skip':
-          why = _SKIPPED_UTF8
-        value = value.decode('utf-8', 'replace')
+    value, feats, why = _parse_record(obj, text_field, feature_names, kind, invalid_utf8, counts)
     if why:
       bad.append((k, why))
       continue
     keep.append(k)
-    values.append(value if kind == 'text' else np.asarray(value, np.int32))
+    values.append(value)
     for name in feature_names:
       features[name].append(feats[name])
   return Records(keep, texts=values if kind == 'text' else None,
