@@ -19,7 +19,6 @@ The default vocabulary (mlm_jax/assets/events/vocab.txt, 1,024 pieces) was train
 sessions; for real data train one on your event texts (tools/train_tokenizer.py) and set
 data.vocab_path and model.vocab_size (= 5 + number of event types + vocab lines).
 """
-import os
 
 from mlm_jax.config import base_config
 from mlm_jax.data import config as data_config
