@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mlm_jax import data
-from mlm_jax.data import domains, events, split
+from mlm_jax.data import domains, events
 from mlm_jax.errors import ConfigError
 from tools import make_event_sessions
 
