@@ -11,3 +11,25 @@ class ConfigError(ValueError):
 
 class DataError(ValueError):
   """Input data cannot be used (no files, unreadable file, empty corpus, bad line)."""
+
+
+def quiet_closed_event_loop_callbacks() -> None:
+  """Drops the 'Event loop is closed' noise of a failed orbax read.
+
+  When one tensorstore read of a checkpoint fails, orbax's `asyncio.run` ends and closes its loop
+  while sibling reads are still in flight; their completion callbacks then call
+  `loop.call_soon_threadsafe` on the closed loop, and Python prints one traceback per callback as
+  an "unraisable" exception (over a hundred for one corrupt checkpoint). The failure itself is
+  reported by the checkpointer; these late callbacks carry no information. Everything else goes to
+  the previous hook.
+  """
+  import sys
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if isinstance(e, RuntimeError) and str(e) == 'Event loop is closed':
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = hook

@@ -8,6 +8,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mlm_jax import launch
+from mlm_jax import errors
 from mlm_jax.errors import ConfigError, DataError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file (configs/*.py).',
@@ -29,6 +30,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   # After flag parsing (--help stays fast) and before anything touches a JAX backend.
   from mlm_jax import autotune, checkpoint, distributed, train
+  errors.quiet_closed_event_loop_callbacks()
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, stop_after=_STOP_AFTER.value)

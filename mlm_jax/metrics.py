@@ -25,6 +25,7 @@ class Accumulator:
   def reset(self):
     self.sums = {k: 0.0 for k in SUM_KEYS}
     self.grad_norms, self.steps = [], 0
+    self.skipped = 0  # non-finite steps whose update was not applied (train.nonfinite=skip)
     self.timed_steps, self.timed_tokens = 0, 0.0
     self.start = time.perf_counter()
     self.excluded = 0.0  # seconds spent compiling, evaluating or checkpointing: not training speed
@@ -40,12 +41,15 @@ class Accumulator:
     return time.perf_counter() - self.start - self.excluded
 
   def add(self, m):
-    for k in SUM_KEYS:
-      self.sums[k] += float(m[k])
     self.timed_tokens += float(m['tokens'])
     self.timed_steps += 1
-    self.grad_norms.append(float(m['grad_norm']))
     self.steps += 1
+    if m['nonfinite']:  # its loss is not a number: count the step, keep it out of the averages
+      self.skipped += 1
+      return
+    for k in SUM_KEYS:
+      self.sums[k] += float(m[k])
+    self.grad_norms.append(float(m['grad_norm']))
 
   def summary(self, prefix='train'):
     s = self.sums
@@ -55,6 +59,8 @@ class Accumulator:
            f'{prefix}/perplexity': math.exp(min(loss, 50.0))}
     if self.grad_norms:
       out[f'{prefix}/grad_norm'] = float(np.mean(self.grad_norms))
+    if self.skipped:
+      out[f'{prefix}/skipped_updates'] = float(self.skipped)
     return out
 
 
