@@ -35,19 +35,22 @@ def evaluate(workdir: str, files: str | None = None, step: int | None = None,
   graphdef, params = nnx.split(rundir.make_model(cfg, run.params))
   params_shardings = shd.state_shardings(params, mesh)
   params = jax.device_put(params, params_shardings)
-  eval_step = None
-  pending, records = [], 0
-  for batch in data.eval_batches(config, run.tokenizer, process_index=jax.process_index(),
-                                 process_count=jax.process_count(), max_batches=max_batches):
-    if eval_step is None:
-      eval_step = steps.jit_eval_step(graphdef, mesh, params_shardings, tuple(sorted(batch)),
-                                      config.sharding.fixed_order_reduction)
-    records += int(batch['segment_ids'].max(axis=1).sum())  # packed: k records per row
-    pending.append(eval_step(params, shd.global_batch(batch, mesh)))
-  sums = {'loss_sum': 0.0, 'correct_sum': 0.0, 'weight_sum': 0.0}
-  for m in jax.device_get(pending):
-    for k in sums:
-      sums[k] += float(m[k])
+  records = 0
+
+  def counted(batches):
+    nonlocal records
+    for batch in batches:
+      records += int(batch['segment_ids'].max(axis=1).sum())  # packed: k records per row
+      yield batch
+
+  def compile_for(batch):
+    jitted = steps.jit_eval_step(graphdef, mesh, params_shardings, tuple(sorted(batch)),
+                                 config.sharding.fixed_order_reduction)
+    return steps.compile_ahead(jitted, params, shd.abstract_batch(batch, mesh))[0]
+
+  batches = data.eval_batches(config, run.tokenizer, process_index=jax.process_index(),
+                              process_count=jax.process_count(), max_batches=max_batches)
+  sums = steps.run_eval(params, counted(batches), mesh=mesh, compile_for=compile_for)
   m = metrics.eval_summary(sums)
   return {'step': run.step, 'loss': m['eval/loss'], 'accuracy': m['eval/accuracy'],
           'perplexity': m['eval/perplexity'], 'masked_tokens': m['eval/masked_tokens'],

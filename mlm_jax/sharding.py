@@ -50,6 +50,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def abstract_batch(local_batch: dict, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  """Global shapes (every process's rows) and shardings of a batch like `local_batch`."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(), *v.shape[1:]), v.dtype,
+                                  sharding=sharding)
+          for k, v in sorted(local_batch.items())}
+
+
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """This process's rows -> one global array per key, sharded over all devices of all processes."""
   sharding = batch_sharding(mesh)

@@ -5,6 +5,7 @@ Randomness is a pure function of (key, step, micro-batch) (and of the device ind
 sharding.fixed_order_reduction), so a resumed run draws the same dropout.
 """
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -187,3 +188,29 @@ def jit_eval_step(graphdef, mesh, params_shardings, batch_keys, fixed_order: boo
   return jax.jit(functools.partial(eval_step, graphdef=graphdef, mesh=mesh, fixed_order=fixed_order),
                  in_shardings=(params_shardings, batch_shardings),
                  out_shardings=shd.replicated(mesh))
+
+
+def compile_ahead(jitted, *abstract_args):
+  """(compiled, seconds): `jitted` lowered and compiled for abstract arguments (ShapeDtypeStructs
+  with shardings), so compile time is spent before the first real call and its memory can be read
+  off. The one compile path of training, auto accumulation and `mlm_jax.evaluate`."""
+  tic = time.perf_counter()
+  compiled = jitted.lower(*abstract_args).compile()
+  return compiled, time.perf_counter() - tic
+
+
+def run_eval(params, local_batches, *, mesh, compile_for) -> dict:
+  """Σ loss, Σ correct and Σ weight of the eval step over `local_batches` (this process's rows).
+
+  `compile_for(local_batch)` gives the compiled eval step; it is called on the first batch only.
+  Every batch is dispatched before any result is fetched."""
+  eval_step, pending = None, []
+  for local_batch in local_batches:
+    if eval_step is None:
+      eval_step = compile_for(local_batch)
+    pending.append(eval_step(params, shd.global_batch(local_batch, mesh)))
+  sums = {'loss_sum': 0.0, 'correct_sum': 0.0, 'weight_sum': 0.0}
+  for m in jax.device_get(pending):
+    for k in sums:
+      sums[k] += float(m[k])
+  return sums

@@ -78,31 +78,28 @@ class Trainer:
   def init_state(self):
     return self._init(jax.random.key(self.config.seed))
 
-  def abstract_batch(self, local_batch: dict) -> dict:
-    """Global shapes (all processes' rows) and shardings of a batch like `local_batch`."""
-    sharding = shd.batch_sharding(self.mesh)
-    return {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(), *v.shape[1:]), v.dtype,
-                                    sharding=sharding)
-            for k, v in sorted(local_batch.items())}
-
   def compile_train_step(self, local_batch: dict, grad_accum_steps: int):
     """The train step compiled ahead of time for batches shaped like `local_batch`."""
     config = self.config.copy_and_resolve_references()
     config.train.grad_accum_steps = grad_accum_steps
     jitted = steps.jit_train_step(self.graphdef, self.optimizer, self.schedule, config, self.mesh,
                                   self.state_shardings, tuple(sorted(local_batch)))
-    return jitted.lower(self.abstract_state, self.abstract_batch(local_batch)).compile()
+    return steps.compile_ahead(jitted, self.abstract_state,
+                               shd.abstract_batch(local_batch, self.mesh))[0]
+
+  def _compile_eval_step(self, local_batch: dict):
+    jitted = steps.jit_eval_step(self.graphdef, self.mesh, self.state_shardings['params'],
+                                 tuple(sorted(local_batch)),
+                                 self.config.sharding.fixed_order_reduction)
+    return steps.compile_ahead(jitted, self.abstract_state['params'],
+                               shd.abstract_batch(local_batch, self.mesh))[0]
 
   def compile_steps(self, local_batch: dict):
-    """Compiles the train and eval steps ahead of time for batches shaped like `local_batch` (the
-    shared compile-ahead path of training and `mlm_jax.evaluate`); logs the time it took."""
+    """Compiles the train and eval steps ahead of time for batches shaped like `local_batch`;
+    logs the time it took."""
     tic = time.perf_counter()
     self.batch_keys = tuple(sorted(local_batch))
-    abstract_batch = self.abstract_batch(local_batch)
-    self._eval_step = steps.jit_eval_step(
-        self.graphdef, self.mesh, self.state_shardings['params'], self.batch_keys,
-        self.config.sharding.fixed_order_reduction).lower(
-            self.abstract_state['params'], abstract_batch).compile()
+    self._eval_step = self._compile_eval_step(local_batch)
     if not config_lib.is_auto_accum(self.config.train.grad_accum_steps):
       self._train_step = self.compile_train_step(local_batch, self.config.train.grad_accum_steps)
     logging.info('compiled the steps in %.1fs', time.perf_counter() - tic)
@@ -116,16 +113,12 @@ class Trainer:
     return self._train_step(state, shd.global_batch(local_batch, self.mesh))
 
   def evaluate(self, params, batches) -> dict:
-    sums = {'loss_sum': 0.0, 'correct_sum': 0.0, 'weight_sum': 0.0}
-    pending = []
-    for local_batch in batches:
+    def compiled(local_batch):
       if self._eval_step is None:
-        self.compile_steps(local_batch)
-      pending.append(self._eval_step(params, shd.global_batch(local_batch, self.mesh)))
-    for m in jax.device_get(pending):
-      for k in sums:
-        sums[k] += float(m[k])
-    return metrics_lib.eval_summary(sums)
+        self._eval_step = self._compile_eval_step(local_batch)
+      return self._eval_step
+    return metrics_lib.eval_summary(
+        steps.run_eval(params, batches, mesh=self.mesh, compile_for=compiled))
 
 
 class _QuietLibraries:

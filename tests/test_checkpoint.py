@@ -9,7 +9,7 @@ import sys
 import grain
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 import optax
 from flax import nnx
@@ -36,8 +36,9 @@ def make_state(seed=0):
 def mesh_shardings(state):
   mesh = jax.make_mesh((4, 2), ('data', 'fsdp'))
   return jax.tree.map(
-      lambda x: NamedSharding(mesh, P('data', 'fsdp') if x.ndim == 2 else
-                              P('data') if x.ndim == 1 and x.shape[0] % 4 == 0 else P()), state)
+      lambda x: NamedSharding(mesh, PartitionSpec('data', 'fsdp') if x.ndim == 2 else
+                              PartitionSpec('data') if x.ndim == 1 and x.shape[0] % 4 == 0 else
+                              PartitionSpec()), state)
 
 
 def on_mesh(state):
@@ -317,11 +318,12 @@ import jax
 jax.config.update('jax_cpu_collectives_implementation', 'gloo')
 jax.distributed.initialize(f'localhost:{port}', num_processes=2, process_id=pid)
 import grain, jax.numpy as jnp, numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec
 from mlm_jax import checkpoint as ckpt
 
 mesh = jax.make_mesh((4, 2), ('data', 'fsdp'))
-sh = {'w': NamedSharding(mesh, P('data', 'fsdp')), 'key': NamedSharding(mesh, P())}
+sh = {'w': NamedSharding(mesh, PartitionSpec('data', 'fsdp')),
+      'key': NamedSharding(mesh, PartitionSpec())}
 make = lambda seed: jax.jit(lambda: {'w': jax.random.normal(jax.random.key(seed), (64, 32)),
                                      'key': jax.random.key_data(jax.random.key(seed))},
                             out_shardings=sh)()

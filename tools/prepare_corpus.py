@@ -50,6 +50,7 @@ def _examples(source, ids, text_field, features, tokenizer, chunk):
   for lo in range(0, len(ids), chunk):
     part = ids[lo:lo + chunk]
     recs = source.read(part, counts)
+    counts['bad_records'] += len(recs.bad)  # malformed records are dropped, and counted
     if recs.texts is not None and tokenizer is not None:
       values = tokenizer.encode_batch(recs.texts)
     else:
