@@ -27,3 +27,12 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "slow" in item.keywords:
       item.add_marker(skip)
+
+
+def need(module: str):
+  """`pytest.importorskip(module)`, except in CI (MLM_JAX_CI=1, set by .ci/run), where an optional
+  package the tests need must be installed: a missing one fails instead of silently skipping."""
+  if os.environ.get("MLM_JAX_CI") == "1":
+    import importlib  # pylint: disable=import-outside-toplevel
+    return importlib.import_module(module)
+  return pytest.importorskip(module)

@@ -23,6 +23,7 @@ from mlm_jax import rundir
 from mlm_jax import train
 from mlm_jax import wandb_writer
 from mlm_jax.errors import ConfigError
+from tests.conftest import need
 from tests.test_resume import tiny
 from tools import export_hf, import_hf, plot_metrics, plot_schedule
 
@@ -121,9 +122,9 @@ TEXTS = ['the king [MASK] to the tower , my lord .', 'o [MASK] , [MASK] !']
 
 
 def test_hf_export_matches_ours_on_padded_and_packed_input(run_dir, tmp_path):
-  pytest.importorskip('safetensors')
-  pytest.importorskip('torch')
-  transformers = pytest.importorskip('transformers')
+  need('safetensors')
+  need('torch')
+  transformers = need('transformers')
   from safetensors.numpy import save_file
 
   predictor = predict.Predictor(run_dir)
@@ -155,7 +156,7 @@ def test_hf_export_matches_ours_on_padded_and_packed_input(run_dir, tmp_path):
 
 
 def test_export_cli_then_import_gives_identical_params(run_dir, tmp_path):
-  pytest.importorskip('safetensors')
+  need('safetensors')
   out, imported = str(tmp_path / 'hf'), str(tmp_path / 'imported')
   assert export_hf.main([run_dir, out, '--step', '8']) == 0
   assert {'config.json', 'model.safetensors', 'vocab.txt', 'tokenizer_config.json',
@@ -176,16 +177,16 @@ def test_export_cli_then_import_gives_identical_params(run_dir, tmp_path):
   assert tok.pieces == data.load_tokenizer(os.path.join(run_dir, 'tokenizer')).pieces
   assert os.path.exists(os.path.join(imported, 'import_config.py'))
 
-  transformers = pytest.importorskip('transformers')  # the exported tokenizer files
+  transformers = need('transformers')  # the exported tokenizer files
   hf_tok = transformers.AutoTokenizer.from_pretrained(out)
   text = 'O Romeo, Romeo! wherefore art thou Romeo? Café'
   assert hf_tok(text)['input_ids'] == predict.Predictor(run_dir).encode(text).tolist()
 
 
 def test_import_of_a_model_written_by_transformers(tmp_path):
-  pytest.importorskip('safetensors')
-  torch = pytest.importorskip('torch')
-  transformers = pytest.importorskip('transformers')
+  need('safetensors')
+  torch = need('torch')
+  transformers = need('transformers')
   hf_dir, imported = str(tmp_path / 'hf'), str(tmp_path / 'imported')
   c = tiny()
   hf_config = transformers.BertConfig(
@@ -212,7 +213,7 @@ def test_import_of_a_model_written_by_transformers(tmp_path):
 
 @pytest.mark.slow
 def test_imported_run_continues_pretraining(run_dir, tmp_path):
-  pytest.importorskip('safetensors')
+  need('safetensors')
   out, imported = str(tmp_path / 'hf'), str(tmp_path / 'imported')
   export_hf.export(run_dir, out)
   import_hf.import_hf(out, imported, tiny())
@@ -239,7 +240,7 @@ def test_export_refuses_what_bert_cannot_express(tmp_path):
 
 
 def test_export_drops_extra_embeddings_when_asked(tmp_path):
-  pytest.importorskip('safetensors')
+  need('safetensors')
   workdir = init_run(str(tmp_path / 'run'), extra={'tld': 7})
   result = export_hf.export(workdir, str(tmp_path / 'out'), drop_extra_embeddings=True)
   assert len(result['warnings']) == 2  # outputs differ; char tokenizer has no HF files
@@ -296,7 +297,7 @@ def _is_png(path):
 
 
 def test_plot_metrics_writes_a_png(run_dir, tmp_path):
-  pytest.importorskip('matplotlib')
+  need('matplotlib')
   out = str(tmp_path / 'metrics.png')
   assert plot_metrics.main([run_dir, '--out', out]) == 0
   assert _is_png(out)
@@ -305,7 +306,7 @@ def test_plot_metrics_writes_a_png(run_dir, tmp_path):
 
 
 def test_plot_schedule_dry_run(tmp_path):
-  pytest.importorskip('matplotlib')
+  need('matplotlib')
   c = tiny()
   c.train.steps = 1000
   c.optimizer.update(warmup_steps=50, schedule='linear', end_lr_ratio=0.0)
@@ -320,7 +321,7 @@ def test_plot_schedule_dry_run(tmp_path):
 
 
 def test_sweep_suggestions_make_valid_configs(tmp_path):
-  optuna = pytest.importorskip('optuna')
+  optuna = need('optuna')
   from mlm_jax import config as config_lib
   from tools import sweep
   base = tiny()
@@ -341,7 +342,7 @@ def test_sweep_suggestions_make_valid_configs(tmp_path):
 
 @pytest.mark.slow
 def test_sweep_two_trials_on_a_tiny_config(tmp_path):
-  pytest.importorskip('optuna')
+  need('optuna')
   from tools import sweep
   workdir = str(tmp_path)
   study = sweep.sweep(tiny(), workdir, trials=2, steps=4, evals=2)
