@@ -130,7 +130,8 @@ def base_config() -> ml_collections.ConfigDict:
   t.compilation_cache_dir = '~/.cache/mlm_jax/xla'
   # Weights & Biases project to log metrics to as well ('' = off; needs `pip install wandb`).
   t.wandb_project = ''
-  # Show a console progress bar.
+  # Show a console progress bar when stderr is a terminal; otherwise (SLURM, cloud logging) a plain
+  # line every log_every steps: step, loss, tokens/s, ETA.
   t.progress_bar = True
 
   c.sharding = s = ml_collections.ConfigDict()
@@ -150,6 +151,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint = k = ml_collections.ConfigDict()
   # Save every this many steps (0 = only at the end and on preemption).
   k.every = 500
+  # Also save when this many seconds have passed since the last save (0 = off): a bound on the work
+  # a preemption can lose. Checked at log steps (train.log_every), decided by process 0 for all.
+  k.every_seconds = 0.0
   # Keep the newest this many checkpoints.
   k.keep = 2
   # Also keep the best this many by best_metric (0 disables).
@@ -178,7 +182,7 @@ _POSITIVE = ('model.num_layers', 'model.hidden_size', 'model.num_heads', 'model.
              'train.batch_size', 'train.log_every')
 _NON_NEGATIVE = ('train.device_memory_limit', 'train.profile_start_step', 'train.profile_num_steps', 'optimizer.warmup_steps', 'optimizer.weight_decay', 'optimizer.clip_norm',
                  'optimizer.end_lr_ratio', 'train.eval_every', 'train.peak_flops',
-                 'checkpoint.every', 'checkpoint.keep_best', 'train.max_nonfinite_in_a_row')
+                 'checkpoint.every', 'checkpoint.every_seconds', 'checkpoint.keep_best', 'train.max_nonfinite_in_a_row')
 
 
 def _flatten(d, prefix=''):

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 
 import jax
@@ -27,6 +28,7 @@ from mlm_jax import metrics as metrics_lib
 from mlm_jax import model as model_lib
 from mlm_jax import optim
 from mlm_jax import preemption as preemption_lib
+from mlm_jax import rundir
 from mlm_jax import sharding as shd
 from mlm_jax import steps
 
@@ -293,11 +295,13 @@ class _Loop:
         self.trainer.model_cfg, self.trainer.param_counts['encoder'],
         min(1.0, self.config.data.mask_rate))
     self.flops_per_token_over_peak = per_token / peak
+    self.tokenizer_files = rundir.tokenizer_files(self.tokenizer)  # in every checkpoint step
 
   def run(self, state, start_step: int, first_batch, stop_after: int | None) -> dict:
     t = self.config.train
     is_main = jax.process_index() == 0
-    bar = _progress_bar(is_main and t.progress_bar, start_step, t.steps)
+    bar = _progress_bar(is_main and t.progress_bar and sys.stderr.isatty(), start_step, t.steps)
+    self.last_save_time = time.monotonic()
     profiler = _Profiler(t.profile_start_step, t.profile_num_steps,
                          os.path.join(self.workdir, 'profile'))
     batch, pending, step = first_batch, None, start_step
@@ -324,7 +328,7 @@ class _Loop:
         do_log = step % t.log_every == 0 or is_last
         do_eval = t.eval_every > 0 and (step % t.eval_every == 0 or is_last)
         every = self.config.checkpoint.every
-        do_save = (every > 0 and step % every == 0) or is_last
+        do_save = (every > 0 and step % every == 0) or is_last or (do_log and self._save_is_due())
         stop = self.preemption.should_stop(step) or step == stop_after
         if (do_log or do_eval or do_save or stop) and pending is not None:
           self._consume(pending)
@@ -409,8 +413,23 @@ class _Loop:
       logging.warning('step %d: gradient norm %.3g is above train.grad_norm_warn=%g',
                       step, max(self.acc.grad_norms), t.grad_norm_warn)
     self.writer.write(step, self.last)
+    if not (t.progress_bar and sys.stderr.isatty()) and jax.process_index() == 0:
+      eta = (t.steps - step) * self.last['train/step_time']
+      logging.info('step %d/%d  loss %.4f  %s tokens/s  ETA %s', step, t.steps,
+                   self.last['train/loss'], f'{tokens_per_sec:,.0f}', _duration(eta))
     self.acc.reset()
     self.data_wait = 0.0
+
+  def _save_is_due(self) -> bool:
+    """checkpoint.every_seconds has passed since the last save, as process 0's clock says (so every
+    process saves the same step)."""
+    limit = self.config.checkpoint.every_seconds
+    if limit <= 0:
+      return False
+    due = time.monotonic() - self.last_save_time >= limit
+    if jax.process_count() > 1:
+      due = bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
+    return due
 
   def _evaluate(self, step, state) -> dict:
     t, k = self.config.train, self.config.checkpoint
@@ -430,7 +449,9 @@ class _Loop:
     meta = {'config': self.resolved, 'step': step, 'early_stopping': self.early.state(),
             'param_counts': self.trainer.param_counts,
             'data_state': _gathered_input_state(self.train_iter)}
-    if self.checkpointer.save(step, state, metadata=meta, metrics=eval_metrics, force=force):
+    if self.checkpointer.save(step, state, metadata=meta, metrics=eval_metrics, force=force,
+                              tokenizer=self.tokenizer_files):
+      self.last_save_time = time.monotonic()
       self.writer.write(step, {'checkpoint/blocking_s': self.checkpointer.last_blocking_s})
 
 
@@ -482,6 +503,11 @@ class _Profiler:
       self.active = False
       logging.info('profiler trace of steps %d-%d written to %s', self.start, self.end - 1,
                    self.directory)
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
 def _progress_bar(enabled, start, total):
