@@ -4,6 +4,8 @@ One checkpoint is an orbax step directory with two items: 'state' (params, optim
 PRNG key data; StandardSave) and 'metadata' (JSON: the caller's config, the input position of every
 input shard, and the like, plus library versions and our SHA-256 of the state). The input position
 lives only in that JSON, so a checkpoint written by N processes resumes in any number of them.
+A third item, 'tokenizer' (JSON: the tokenizer's files by name), makes one step directory enough to
+evaluate, predict or export with; steps saved before it existed have none.
 
 Orbax does not notice flipped bytes in an array file: it restores them silently. So every save
 records `digest(state)` and every restore recomputes it; a checkpoint that fails to read or does not
@@ -28,7 +30,7 @@ import orbax.checkpoint as ocp
 
 from mlm_jax.errors import ConfigError
 
-STATE, META = 'state', 'metadata'
+STATE, META, TOKENIZER = 'state', 'metadata', 'tokenizer'
 COMMIT_MARKER = 'commit_success.txt'  # orbax 0.12 writes it last, in every step directory
 _RESERVED_META = ('versions', 'state_sha256', 'checkpoint_info')
 
@@ -195,7 +197,8 @@ class Checkpointer:
     best_fn = lambda m: float(m.get(best_metric, worst))  # a renamed metric ranks last
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     for item, save_args, restore_args in ((STATE, ocp.args.StandardSave, ocp.args.StandardRestore),
-                                          (META, ocp.args.JsonSave, ocp.args.JsonRestore)):
+                                          (META, ocp.args.JsonSave, ocp.args.JsonRestore),
+                                          (TOKENIZER, ocp.args.JsonSave, ocp.args.JsonRestore)):
       registry.add(item, save_args)
       registry.add(item, restore_args)
     policies = ocp.checkpoint_managers
@@ -255,9 +258,10 @@ class Checkpointer:
       raise CheckpointError(f'Saving checkpoint step {step} in {self.directory} failed: '
                             f'{_brief(e)}. The previous checkpoint is kept.') from e
 
-  def save(self, step: int, state, *, metadata: dict,
-           metrics: dict | None = None, force: bool = False) -> bool:
-    """Starts saving `state` at `step`; returns whether it did. Raises an earlier save's failure."""
+  def save(self, step: int, state, *, metadata: dict, metrics: dict | None = None,
+           force: bool = False, tokenizer: dict[str, str] | None = None) -> bool:
+    """Starts saving `state` at `step`; returns whether it did. Raises an earlier save's failure.
+    `tokenizer`: the tokenizer's files ({name: text}), saved as the step's 'tokenizer' item."""
     if self._read_only:
       raise CheckpointError(f'{self.directory} was opened read-only')
     self._check_async_error(block=False)
@@ -278,6 +282,8 @@ class Checkpointer:
                                 'saved_at': time.time(),
                                 'metrics': metrics}}
     items = {STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}
+    if tokenizer is not None:
+      items[TOKENIZER] = ocp.args.JsonSave(tokenizer)
     try:
       self._mngr.save(step, args=ocp.args.Composite(**items), metrics=ranked, force=True)
     except Exception as e:
@@ -379,6 +385,13 @@ class Checkpointer:
   def metadata(self, step: int) -> dict:
     """The JSON metadata (config, versions, ...) of a step, without reading or checking arrays."""
     return self._read_meta(step)[0]
+
+  def tokenizer(self, step: int) -> dict[str, str] | None:
+    """The tokenizer files saved with a step ({name: text}); None if it was saved without."""
+    if not (self._step_dir(step) / TOKENIZER).exists():
+      return None
+    args = ocp.args.Composite(**{TOKENIZER: ocp.args.JsonRestore()})
+    return self._mngr.restore(step, args=args)[TOKENIZER]
 
   def _read_meta(self, step: int) -> tuple[dict, Any]:
     """Our JSON metadata and orbax's saved tree of array metadata (shapes, dtypes)."""

@@ -1,6 +1,10 @@
 """MLM loss, accuracy and perplexity of a trained checkpoint on any files in the run's input format.
 
+  python -m mlm_jax.evaluate --checkpoint DIR/checkpoints/STEP --files 'held_out/*.txt'
   python -m mlm_jax.evaluate --workdir DIR --files 'held_out/*.txt' [--step N]
+
+A checkpoint step directory is enough on its own (it holds its config and tokenizer), wherever it
+was copied to; --workdir is a run directory or one of its steps.
 
 Masks are fixed (the eval seed), so two evaluations of the same checkpoint and files agree exactly.
 Prints a final line `RESULT loss=... accuracy=... perplexity=... records=...`.
@@ -59,8 +63,10 @@ def evaluate(workdir: str, files: str | None = None, step: int | None = None,
 
 def _define_flags():
   # Defined only when run as a program, so that tools can import this module and define their own.
-  flags.DEFINE_string('workdir', None, 'A run directory, or one checkpoint step directory.',
-                      required=True)
+  flags.DEFINE_string('checkpoint', None, 'A checkpoint step directory (DIR/checkpoints/STEP, '
+                      'or a copy of one anywhere), or a run directory.')
+  flags.DEFINE_string('workdir', None, 'A run directory, or one checkpoint step directory.')
+  flags.mark_flags_as_mutual_exclusive(['checkpoint', 'workdir'], required=True)
   flags.DEFINE_string('files', None, 'Comma-separated globs of files to evaluate on; default: the '
                       'run\'s own eval split.')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: best if any, else latest).')
@@ -71,7 +77,7 @@ def main(argv):
   del argv
   f = flags.FLAGS
   try:
-    r = evaluate(f.workdir, f.files, f.step, f.max_batches)
+    r = evaluate(f.checkpoint or f.workdir, f.files, f.step, f.max_batches)
   except (ConfigError, DataError, CheckpointError) as e:
     sys.exit(f'error: {e}')
   print(f"step {r['step']}: {r['masked_tokens']:.0f} masked tokens in {r['records']} records")

@@ -1,11 +1,13 @@
 """Fill in the blanks with a trained checkpoint: top-k predictions for every [MASK] in the text.
 
   python -m mlm_jax.predict --workdir=DIR "the king [MASK] to the tower ."
+  python -m mlm_jax.predict --checkpoint=DIR/checkpoints/STEP "the king [MASK] to the tower ."
   python -m mlm_jax.predict --workdir=DIR --top_k=3 "exam[MASK]le.com" --feature=tld=17
 
 Runs on the CPU in float32. `[MASK]` in the text marks a prediction slot, for the char tokenizer
 too. Several texts are one batch (one row each). `--step` defaults to the best checkpoint (by the
-run's checkpoint.best_metric) if one was ranked, else the newest.
+run's checkpoint.best_metric) if one was ranked, else the newest. A checkpoint step directory is
+enough on its own (it holds its config and tokenizer), wherever it was copied to.
 """
 import dataclasses
 import os
@@ -163,12 +165,14 @@ def format_predictions(texts, results) -> str:
 
 def define_flags():
   """Only when run as a program: importing this module must not claim global flag names."""
+  flags.DEFINE_string('checkpoint', None, 'A checkpoint step directory (DIR/checkpoints/STEP, '
+                      'or a copy of one anywhere), or a run directory.')
   flags.DEFINE_string('workdir', None, 'Run directory (checkpoints/, tokenizer/), or one '
                       'checkpoint step directory of it.')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: best, else newest).')
   flags.DEFINE_integer('top_k', 5, 'Predictions shown per [MASK].')
   flags.DEFINE_multi_string('feature', [], 'Extra embedding input, name=id (default 0).')
-  flags.mark_flags_as_required(['workdir'])
+  flags.mark_flags_as_mutual_exclusive(['checkpoint', 'workdir'], required=True)
 
 
 def main(argv):
@@ -178,7 +182,7 @@ def main(argv):
   if not f['verbosity'].present:  # orbax logs every read at INFO and a read-only notice at WARNING
     logging.set_verbosity(logging.ERROR)
   try:
-    predictor = Predictor(f.workdir, f.step)
+    predictor = Predictor(f.checkpoint or f.workdir, f.step)
     results = predictor.predict(texts, f.top_k, parse_features(f.feature))
   except (ValueError, CheckpointError, DataError) as e:
     print(f'error: {e}', file=sys.stderr)

@@ -6,11 +6,12 @@ one checkpoint step directory (`.../<step>`). Every file is reached through etil
 may live on gs:// as well as on a local disk.
 
 Where the config and the tokenizer come from is decided in one place each (`find_config`,
-`tokenizer_dir`): today the run directory; a step directory that carries its own copies can be
-looked at first there, without touching the callers.
+`load_tokenizer`): the step itself (its metadata's config, its 'tokenizer' item), so a step directory
+copied anywhere is enough; for steps saved without a tokenizer, the run directory's tokenizer/.
 """
 import dataclasses
 import json
+import tempfile
 from typing import Any, NamedTuple
 
 import jax
@@ -94,34 +95,62 @@ def _run_config(run: RunDir) -> dict | None:
 
 
 def find_config(run: RunDir, step: int) -> dict:
-  """The resolved config of the run: its config.json; for a step directory outside a run, the
-  config recorded in the step's metadata."""
-  if (config := _run_config(run)) is not None:
-    return config
-  checkpointer = _checkpointer(run)
+  """The resolved config the step was saved with (its metadata); the run directory's config.json
+  only for a step whose metadata has none."""
+  checkpointer, error = _checkpointer(run), None
   try:
     config = checkpointer.metadata(step).get('config')
-  except Exception as e:  # noqa: BLE001 -- unreadable metadata: say which step and where
-    first_line = (str(e).strip().splitlines() or [''])[0]
-    raise ckpt.CheckpointError(f'{run.path}: no {CONFIG_FILE}, and the metadata of step {step} '
-                               f'cannot be read ({type(e).__name__}: {first_line})') from e
+  except Exception as e:  # noqa: BLE001 -- unreadable metadata: config.json, else say why
+    config, error = None, e
   finally:
     checkpointer.close()
   if config is None:
-    raise ckpt.CheckpointError(f'{run.path}: no {CONFIG_FILE} and no config in step {step}')
-  return config
+    config = _run_config(run)
+  if config is not None:
+    return config
+  if error is not None:
+    first_line = (str(error).strip().splitlines() or [''])[0]
+    raise ckpt.CheckpointError(f'{run.path}: no {CONFIG_FILE}, and the metadata of step {step} '
+                               f'cannot be read ({type(error).__name__}: {first_line})') from error
+  raise ckpt.CheckpointError(f'{run.path}: no {CONFIG_FILE} and no config in step {step}')
 
 
 def tokenizer_dir(run: RunDir, step: int) -> epath.Path:
-  """The directory of the run's tokenizer (as Tokenizer.save wrote it)."""
-  del step  # the run's own tokenizer, for every step
+  """The run directory's tokenizer (as Tokenizer.save wrote it): where a step saved without its
+  own tokenizer finds one."""
   if run.run is None:
-    raise ckpt.CheckpointError(f'{run.path} is a checkpoint step outside its run directory: its '
-                               f'tokenizer is in the run\'s {TOKENIZER_DIR}/')
+    raise ckpt.CheckpointError(f'{run.path}: checkpoint step {step} was saved without its tokenizer '
+                               f'and is outside its run directory: its tokenizer is in the run\'s '
+                               f'{TOKENIZER_DIR}/')
   return run.run / TOKENIZER_DIR
 
 
+def tokenizer_files(tokenizer: data.Tokenizer) -> dict[str, str]:
+  """The files `tokenizer.save` writes, by name: what a checkpoint step carries as its tokenizer."""
+  with tempfile.TemporaryDirectory() as tmp:
+    tokenizer.save(tmp)
+    return {p.name: p.read_bytes().decode('utf-8') for p in sorted(epath.Path(tmp).iterdir())}
+
+
+def tokenizer_from_files(files: dict[str, str]) -> data.Tokenizer:
+  """The tokenizer of `tokenizer_files`."""
+  with tempfile.TemporaryDirectory() as tmp:
+    for name, text in files.items():
+      if name in ('', '.', '..') or epath.Path(name).name != name:
+        raise ckpt.CheckpointError(f'tokenizer file name {name!r} in a checkpoint: not a plain name')
+      (epath.Path(tmp) / name).write_bytes(text.encode('utf-8'))
+    return data.load_tokenizer(tmp)
+
+
 def load_tokenizer(run: RunDir, step: int) -> data.Tokenizer:
+  """The tokenizer saved in the step; for a step saved without one, the run directory's."""
+  checkpointer = _checkpointer(run)
+  try:
+    files = checkpointer.tokenizer(step)
+  finally:
+    checkpointer.close()
+  if files is not None:
+    return tokenizer_from_files(files)
   return data.load_tokenizer(str(tokenizer_dir(run, step)))
 
 
