@@ -13,12 +13,12 @@ Validation: a deterministic 0.1% of the names, stratified by suffix.
 
 Default data: the 3,435 names shipped in mlm_jax/assets/domains (MPL-2.0) -- enough to check the
 setup, far too few to pre-train the full model; point data.train_files at your own list.
-Hardware-aware defaults (read at config time): batch 128 on GPU/TPU, 16 on CPU; model.dtype='auto'
-computes in bfloat16 on GPU/TPU and float32 on CPU. Override either on the command line.
-Variants: ':tiny' (L4/H256, trains on a laptop CPU in minutes), ':small' (L6/H512).
+Hardware-aware defaults, picked by the trainer once JAX has started (never at config time, so a
+multi-host run can start jax.distributed first): train.batch_size='auto' is 128 on GPU/TPU, 16 on
+CPU; model.dtype='auto' computes in bfloat16 on GPU/TPU and float32 on CPU. Override either on the
+command line. Variants: ':tiny' (L4/H256, trains on a laptop CPU in minutes; input in the training
+process), ':small' (L6/H512).
 """
-import jax
-
 from mlm_jax.config import base_config
 from mlm_jax.data.config import DOMAIN_ALPHABET
 
@@ -32,7 +32,6 @@ _SHAPES = {
 def get_config(variant: str = ''):
   if variant not in _SHAPES:
     raise ValueError(f'unknown variant {variant!r} (known: tiny, small)')
-  accelerator = jax.default_backend() != 'cpu'
   tld_vocab_size = 512
   c = base_config()
   c.model.update(**_SHAPES[variant], vocab_size=5 + len(DOMAIN_ALPHABET), max_len=64,
@@ -48,9 +47,9 @@ def get_config(variant: str = ''):
       # Every packed name gets at least one masked character, so rows hold more than 15% of 64:
       # at most 14 on the shipped list (auto would give 12).
       max_predictions=16,
-      num_workers=2 if accelerator else 0)
+      num_workers=2)
   c.optimizer.update(learning_rate=1e-4, warmup_steps=10_000, schedule='linear', weight_decay=0.01)
-  c.train.update(steps=500_000, batch_size=128 if accelerator else 16, log_every=100,
+  c.train.update(steps=500_000, batch_size='auto', log_every=100,
                  eval_every=5_000, eval_steps=-1)
   c.checkpoint.update(every=5_000, keep=3)
   if variant == 'small':
@@ -58,7 +57,7 @@ def get_config(variant: str = ''):
     c.train.update(steps=100_000)
   if variant == 'tiny':
     # Sized for a CPU: ~1,000 steps of 32 rows (~190k names) in well under 20 minutes.
-    c.data.update(eval_fraction=0.02, chunk_records=4096)
+    c.data.update(eval_fraction=0.02, chunk_records=4096, num_workers=0)
     c.optimizer.update(learning_rate=1e-3, warmup_steps=100, schedule='cosine', end_lr_ratio=0.05)
     c.train.update(steps=1_000, batch_size=32, log_every=50, eval_every=250, eval_steps=-1)
     c.checkpoint.update(every=250, keep=2)

@@ -90,8 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = t = ml_collections.ConfigDict()
   # Optimizer steps to train for (one step = batch_size sequences, whatever grad_accum_steps is).
   t.steps = 1000
-  # Global batch size in sequences, across all devices and hosts.
-  t.batch_size = 32
+  # Global batch size in sequences, across all devices and hosts. 'auto': 128 on GPU/TPU, 16 on CPU,
+  # picked once JAX has started (after jax.distributed); config.json and checkpoints record the number.
+  t.batch_size = config_dict.FieldReference(32, field_type=object)
   # Micro-batches per optimizer step (summed inside one jitted step); must divide batch_size.
   # 'auto' (or 0): the fewest whose compiled step fits device memory (same mathematics, less
   # memory); the count picked is what config.json and the checkpoints record.
@@ -179,7 +180,7 @@ _CHOICES = {
 }
 _POSITIVE = ('model.num_layers', 'model.hidden_size', 'model.num_heads', 'model.intermediate_size',
              'model.vocab_size', 'model.max_len', 'model.type_vocab_size', 'train.steps',
-             'train.batch_size', 'train.log_every')
+             'train.log_every')
 _NON_NEGATIVE = ('train.device_memory_limit', 'train.profile_start_step', 'train.profile_num_steps', 'optimizer.warmup_steps', 'optimizer.weight_decay', 'optimizer.clip_norm',
                  'optimizer.end_lr_ratio', 'train.eval_every', 'train.peak_flops',
                  'checkpoint.every', 'checkpoint.every_seconds', 'checkpoint.keep_best', 'train.max_nonfinite_in_a_row')
@@ -213,6 +214,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if name == 'train.grad_accum_steps':
       _check_grad_accum(value)
       continue
+    if name == 'train.batch_size':
+      _check_batch_size(value)
+      continue
     default = base[name]
     if isinstance(default, bool) and not isinstance(value, bool):
       raise ConfigError(name, f'expected true/false, got {value!r}')
@@ -240,7 +244,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError('model.dropout', f'must be in [0, 1), got {m.dropout}')
   if not 0 <= m.attention_dropout < 1:
     raise ConfigError('model.attention_dropout', f'must be in [0, 1), got {m.attention_dropout}')
-  if not is_auto_accum(t.grad_accum_steps) and t.batch_size % t.grad_accum_steps:
+  if not is_auto_accum(t.grad_accum_steps) and t.batch_size != AUTO and (
+      t.batch_size % t.grad_accum_steps):
     raise ConfigError('train.grad_accum_steps',
                       f'{t.grad_accum_steps} does not divide train.batch_size {t.batch_size}')
   if o.learning_rate <= 0:
@@ -255,7 +260,30 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError('sharding', 'data must be -1 or >= 1 and fsdp >= 1')
   if config.checkpoint.keep < 1:
     raise ConfigError('checkpoint.keep', 'must be >= 1 (the newest checkpoint is always kept)')
+  if t.batch_size == AUTO:  # the data checks need a number: any 'auto' pick passes them alike
+    values = config.to_dict()
+    values['train']['batch_size'] = min(AUTO_BATCH_SIZE.values())
+    config = ml_collections.ConfigDict(values)
   data_config.validate(config)
+
+
+AUTO = 'auto'
+# train.batch_size='auto' by backend ('cpu', else the accelerator value).
+AUTO_BATCH_SIZE = {'cpu': 16, 'accelerator': 128}
+
+
+def resolve_batch_size(value, backend: str) -> int:
+  """train.batch_size, with 'auto' picked for `backend` (jax.default_backend())."""
+  if value != AUTO:
+    return value
+  return AUTO_BATCH_SIZE['cpu' if backend == 'cpu' else 'accelerator']
+
+
+def _check_batch_size(value):
+  if value == AUTO:
+    return
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ConfigError('train.batch_size', f"expected a count >= 1, or 'auto', got {value!r}")
 
 
 def is_auto_accum(value) -> bool:
