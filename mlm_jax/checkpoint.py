@@ -15,7 +15,6 @@ import hashlib
 import importlib.metadata
 import json
 import math
-import os
 import sys
 import time
 from typing import Any
@@ -28,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mlm_jax import paths
 from mlm_jax.errors import ConfigError
 
 STATE, META, TOKENIZER = 'state', 'metadata', 'tokenizer'
@@ -184,8 +184,9 @@ class Checkpointer:
       raise ConfigError('checkpoint.best_mode', f"must be 'min' or 'max', got {best_mode!r}")
     if save_every < 1:
       raise ConfigError('checkpoint.every', f'must be >= 1, got {save_every}')
-    if '://' not in str(directory):  # orbax needs absolute paths; gs:// and the like already are
-      directory = os.path.abspath(directory)
+    # orbax needs absolute paths (gs:// and the like already are); paths also keeps fsspec from
+    # caching object-store listings, which would hide steps tensorstore wrote.
+    directory = paths.absolute(str(directory))
     self.directory = epath.Path(directory)
     self.best_metric, self.best_mode = best_metric, best_mode
     self.last_blocking_s = 0.0

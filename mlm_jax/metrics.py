@@ -4,6 +4,7 @@ The train step returns sums (loss over masked slots, correct predictions, slot w
 averages are taken here, after summing over steps, so a log line is the exact average over every
 masked token of the interval, whatever the batch, accumulation or device split was.
 """
+import io
 import json
 import math
 import os
@@ -12,6 +13,9 @@ import time
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
+
+from mlm_jax import paths
 
 SUM_KEYS = ('loss_sum', 'correct_sum', 'weight_sum', 'tokens')
 
@@ -101,7 +105,8 @@ def measure_matmul_flops(device, n=1024, repeats=5) -> float:
 
 
 class Writer:
-  """metrics.jsonl + TensorBoard + console, on process 0 only."""
+  """metrics.jsonl + TensorBoard + console (+ W&B), on process 0 only. The run directory may be
+  local or on an object store (gs://); see _JsonlLog for how metrics.jsonl survives a kill there."""
 
   def __init__(self, workdir: str, enabled: bool, resume_step: int = 0, wandb_project: str = '',
                config: dict | None = None):
@@ -113,23 +118,26 @@ class Writer:
       return
     from mlm_jax import wandb_writer
     self.wandb = wandb_writer.make_writer(wandb_project, workdir, config)
-    path = os.path.join(workdir, 'metrics.jsonl')
-    _truncate_after(path, resume_step)  # a resumed run rewrites the steps after its checkpoint
-    self.jsonl = open(path, 'a')
-    from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
-    self.tb = SummaryWriter(workdir)
+    # A resumed run rewrites the steps after its checkpoint.
+    self.jsonl = _JsonlLog(os.path.join(workdir, METRICS_FILE), resume_step)
+    self.tb = _summary_writer(workdir)
 
   def write(self, step: int, values: dict):
     if not self.enabled:
       return
     row = {'step': int(step), **{k: float(v) for k, v in values.items()}}
     self.jsonl.write(json.dumps(row) + '\n')
-    self.jsonl.flush()
     for k, v in values.items():
       self.tb.add_scalar(k, float(v), int(step))
     if self.wandb:
       self.wandb.write(step, values)
     logging.info('step %d: %s', step, ', '.join(f'{k}={_fmt(v)}' for k, v in values.items()))
+
+  def flush(self):
+    """Every row written so far is in metrics.jsonl when this returns. Called before a checkpoint
+    is saved: a run resumed from it then finds every row up to its step."""
+    if self.jsonl:
+      self.jsonl.flush()
 
   def close(self):
     if self.jsonl:
@@ -139,25 +147,111 @@ class Writer:
       self.wandb.close()
 
 
+METRICS_FILE = 'metrics.jsonl'
+
+
 def _fmt(v):
   return f'{v:.4g}' if isinstance(v, float) else str(v)
 
 
-def _truncate_after(path: str, step: int):
-  """Drop rows logged after `step`: they belong to work the restart will redo exactly."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = f.readlines()
+def _kept_rows(text: str, step: int) -> list[str]:
+  """The complete rows of `step` or earlier: later ones belong to work a restart redoes exactly,
+  and a line cut short by a kill is no row."""
   keep = []
-  for line in lines:
+  for line in text.splitlines(keepends=True):
     try:
       row = json.loads(line)
     except json.JSONDecodeError:
-      continue  # a line cut by a kill
+      continue
     if row.get('step', 0) <= step:
       keep.append(line if line.endswith('\n') else line + '\n')
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.writelines(keep)
-  os.replace(tmp, path)
+  return keep
+
+
+class _JsonlLog:
+  """metrics.jsonl, one row per line, never a torn or repeated row after a kill and a resume.
+
+  On a local disk each row is appended and flushed; a resume drops the rows after its step and
+  the cut last line (rewritten whole, then renamed over the file). An object store cannot append
+  (gcsfs's 'a' mode silently overwrites), but an object write is atomic: the rows are kept in
+  memory and the whole object is written at most every _UPLOAD_EVERY_S seconds, at `flush()` and
+  at `close()`. A kill loses only rows after the last upload; the train loop flushes before every
+  checkpoint, so those are all after the checkpoint a resume starts from, and it logs them again.
+  """
+
+  _UPLOAD_EVERY_S = 30.0
+
+  def __init__(self, path: str, resume_step: int):
+    self.path = path
+    self.local = paths.is_local(path)
+    p = epath.Path(path)
+    kept = _kept_rows(p.read_bytes().decode('utf-8'), resume_step) if p.exists() else []
+    if self.local:
+      if p.exists():
+        paths.write_atomic(path, ''.join(kept))
+      self._f = open(path, 'a')  # pylint: disable=consider-using-with
+    else:
+      self._rows, self._uploaded, self._last_upload = kept, len(kept), time.monotonic()
+      if p.exists():
+        self._upload()
+
+  def write(self, line: str):
+    if self.local:
+      self._f.write(line)
+      self._f.flush()
+      return
+    self._rows.append(line)
+    if time.monotonic() - self._last_upload >= self._UPLOAD_EVERY_S:
+      self._upload()
+
+  def _upload(self):
+    paths.write_atomic(self.path, ''.join(self._rows))
+    self._uploaded, self._last_upload = len(self._rows), time.monotonic()
+
+  def flush(self):
+    if not self.local and self._uploaded < len(self._rows):
+      self._upload()
+
+  def close(self):
+    if self.local:
+      self._f.close()
+    else:
+      self.flush()
+
+
+def _summary_writer(workdir: str):
+  """tensorboardX's SummaryWriter; event files on an object store go through epath."""
+  from tensorboardX import SummaryWriter, record_writer  # only process 0 needs it
+  if not paths.is_local(workdir):
+    scheme = workdir.split('://', 1)[0]
+    record_writer.register_writer_factory(scheme, _EpathRecordWriterFactory())
+  return SummaryWriter(workdir)
+
+
+class _EpathRecordWriter:
+  """An event file on an object store: buffered, and written whole at each flush (there is no
+  append; tensorboardX flushes every two minutes and at close)."""
+
+  def __init__(self, path: str):
+    self.path, self.buffer, self.written = path, io.BytesIO(), -1
+
+  def write(self, data: bytes):
+    self.buffer.write(data)
+
+  def flush(self):
+    if self.buffer.tell() != self.written:
+      paths.write_atomic(self.path, self.buffer.getvalue())
+      self.written = self.buffer.tell()
+
+  def close(self):
+    self.flush()
+
+
+class _EpathRecordWriterFactory:
+  """tensorboardX's writer factory interface, over epath (replaces its google-cloud-storage one)."""
+
+  def open(self, path: str):
+    return _EpathRecordWriter(path)
+
+  def directory_check(self, path: str):
+    epath.Path(path).mkdir(parents=True, exist_ok=True)

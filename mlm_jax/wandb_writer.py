@@ -1,12 +1,13 @@
 """Optional Weights & Biases logging: the same values metrics.jsonl gets, in a W&B run.
 
 Used by metrics.Writer when config.train.wandb_project is set (and only on process 0). The W&B run
-id is kept in WORKDIR/wandb_run_id, so a resumed run keeps logging into the same W&B run. Our step
+id is kept in WORKDIR/wandb_run_id (local or gs://), so a resumed run keeps logging into the same W&B run. Our step
 goes in as the x-axis metric 'trainer/step' rather than W&B's own step counter: after a resume the
 steps logged since the checkpoint are logged again, and W&B drops a step lower than one it saw.
 """
-import os
+from etils import epath
 
+from mlm_jax import paths
 from mlm_jax.errors import ConfigError
 
 RUN_ID_FILE = 'wandb_run_id'
@@ -24,17 +25,19 @@ class WandbWriter:
       raise ConfigError('train.wandb_project', f'{project!r} is set but wandb is not installed: '
                         "pip install wandb (or 'mlm_jax[wandb]'), or set it to ''.") from None
     self._wandb = wandb
-    id_path = os.path.join(workdir, RUN_ID_FILE)
-    if os.path.exists(id_path):
-      with open(id_path) as f:
-        run_id = f.read().strip()
+    workdir = epath.Path(paths.absolute(workdir))  # local or gs://
+    id_path = workdir / RUN_ID_FILE
+    if id_path.exists():
+      run_id = id_path.read_text().strip()
     else:
       run_id = wandb.util.generate_id()
-      os.makedirs(workdir, exist_ok=True)
-      with open(id_path, 'w') as f:
-        f.write(run_id + '\n')
-    self.run = wandb.init(project=project, id=run_id, resume='allow', dir=workdir, config=config,
-                          name=name or os.path.basename(os.path.abspath(workdir)))
+      workdir.mkdir(parents=True, exist_ok=True)
+      paths.write_atomic(id_path, run_id + '\n')
+    # W&B keeps its own files in a local directory: the run's, or its default (./wandb) for a
+    # run on an object store.
+    local_dir = str(workdir) if paths.is_local(workdir) else None
+    self.run = wandb.init(project=project, id=run_id, resume='allow', dir=local_dir, config=config,
+                          name=name or workdir.name)
     self.run.define_metric(STEP_KEY)
     self.run.define_metric('*', step_metric=STEP_KEY)
 

@@ -1,4 +1,4 @@
-"""Turns a local Hugging Face BERT directory into an mlm_jax run directory to continue pretraining.
+"""Turns a Hugging Face BERT directory into an mlm_jax run directory to continue pretraining.
 
   python tools/import_hf.py HF_DIR WORKDIR [--config=configs/X.py] [--config.train.steps=N ...]
       [--max_len=N] [--dropout=P] [--attention_dropout=P]
@@ -12,15 +12,19 @@ state; no input position, so training reads its input from the start) and import
 config to train with: a run may not change model/data/optimizer/steps fields of its checkpoint, so
 choose them here.
 `model.dtype='auto'` is resolved for the backend this runs on; import on the training machine or
-set --config.model.dtype.
+set --config.model.dtype. HF_DIR and WORKDIR may be local or gs:// (the config file --config reads
+must be local: copy WORKDIR/import_config.py first).
 """
+import io
 import json
-import os
 import sys
 
 import numpy as np
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
+
+from mlm_jax import paths
 
 # HF BertConfig field -> ours; all must be present (BertConfig writes them all).
 _SHAPE_FIELDS = {'vocab_size': 'vocab_size', 'hidden_size': 'hidden_size',
@@ -34,8 +38,7 @@ class HfImportError(ValueError):
 
 def read_hf_config(hf_dir: str) -> tuple[dict, list[str]]:
   """(HF config.json, warnings); raises HfImportError for what our Bert cannot express."""
-  with open(os.path.join(hf_dir, 'config.json')) as f:
-    hf = json.load(f)
+  hf = _read_json(epath.Path(hf_dir) / 'config.json')
   warnings = []
   if hf.get('model_type', 'bert') != 'bert':
     raise HfImportError(f"model_type {hf.get('model_type')!r}: only BERT checkpoints map onto our "
@@ -57,22 +60,22 @@ def read_hf_config(hf_dir: str) -> tuple[dict, list[str]]:
 def read_hf_weights(hf_dir: str) -> dict[str, np.ndarray]:
   """All tensors of HF_DIR as float32 numpy, keys without the 'bert.' prefix, LayerNorm
   gamma/beta renamed weight/bias (old checkpoints use those names)."""
-  index = os.path.join(hf_dir, 'model.safetensors.index.json')
-  single = os.path.join(hf_dir, 'model.safetensors')
+  hf = epath.Path(hf_dir)
+  index, single = hf / 'model.safetensors.index.json', hf / 'model.safetensors'
   tensors = {}
-  if os.path.exists(single) or os.path.exists(index):
-    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-    files = [single] if os.path.exists(single) else sorted(
-        {os.path.join(hf_dir, f) for f in json.load(open(index))['weight_map'].values()})
+  if single.exists() or index.exists():
+    from safetensors.numpy import load  # pylint: disable=import-outside-toplevel
+    files = [single] if single.exists() else [
+        hf / f for f in sorted(set(_read_json(index)['weight_map'].values()))]
     for path in files:
-      tensors.update(load_file(path))
-  elif os.path.exists(os.path.join(hf_dir, 'pytorch_model.bin')):
+      tensors.update(load(path.read_bytes()))
+  elif (hf / 'pytorch_model.bin').exists():
     try:
       import torch  # pylint: disable=import-outside-toplevel
     except ImportError:
       raise HfImportError(f'{hf_dir} has only pytorch_model.bin, which needs torch to read: '
                          'pip install torch, or convert it to model.safetensors.') from None
-    state = torch.load(os.path.join(hf_dir, 'pytorch_model.bin'), map_location='cpu',
+    state = torch.load(io.BytesIO((hf / 'pytorch_model.bin').read_bytes()), map_location='cpu',
                        weights_only=True)
     tensors = {k: v.float().numpy() for k, v in state.items()}
   else:
@@ -144,16 +147,17 @@ def our_params(weights: dict[str, np.ndarray], hf: dict, max_len: int) -> tuple[
 
 def read_vocab(hf_dir: str) -> tuple[list[str], bool]:
   """(WordPiece pieces in id order, lowercase) from vocab.txt or a WordPiece tokenizer.json."""
-  tc_path = os.path.join(hf_dir, 'tokenizer_config.json')
-  tc = json.load(open(tc_path)) if os.path.exists(tc_path) else {}
+  hf = epath.Path(hf_dir)
+  tc_path = hf / 'tokenizer_config.json'
+  tc = _read_json(tc_path) if tc_path.exists() else {}
   lowercase = tc.get('do_lower_case', True)
-  vocab_path = os.path.join(hf_dir, 'vocab.txt')
-  if os.path.exists(vocab_path):
-    with open(vocab_path, encoding='utf-8') as f:
-      return [line.rstrip('\r\n') for line in f if line.rstrip('\r\n')], lowercase
-  tj_path = os.path.join(hf_dir, 'tokenizer.json')
-  if os.path.exists(tj_path):
-    tj = json.load(open(tj_path, encoding='utf-8'))
+  vocab_path = hf / 'vocab.txt'
+  if vocab_path.exists():
+    text = io.StringIO(vocab_path.read_bytes().decode('utf-8'), newline=None)
+    return [line.rstrip('\r\n') for line in text if line.rstrip('\r\n')], lowercase
+  tj_path = hf / 'tokenizer.json'
+  if tj_path.exists():
+    tj = _read_json(tj_path)
     if tj.get('model', {}).get('type') == 'WordPiece':
       vocab = tj['model']['vocab']
       pieces = [None] * (max(vocab.values()) + 1)
@@ -211,14 +215,12 @@ def import_hf(hf_dir: str, workdir: str, base_config, max_len: int | None = None
   if unused:
     warnings.append(f'ignored {len(unused)} tensors without a slot in our model: {unused[:5]}')
 
-  workdir = os.path.abspath(workdir)
-  if os.path.exists(os.path.join(workdir, 'checkpoints')) and os.listdir(
-      os.path.join(workdir, 'checkpoints')):
+  workdir = epath.Path(paths.absolute(workdir))  # local or gs://
+  if (workdir / 'checkpoints').is_dir() and any((workdir / 'checkpoints').iterdir()):
     raise HfImportError(f'{workdir} already has checkpoints; import into a new directory')
-  os.makedirs(workdir, exist_ok=True)
-  vocab_path = os.path.join(workdir, 'vocab.txt')
-  with open(vocab_path, 'w', encoding='utf-8') as f:
-    f.write('\n'.join(pieces) + '\n')
+  workdir.mkdir(parents=True, exist_ok=True)
+  vocab_path = str(workdir / 'vocab.txt')
+  paths.write_atomic(vocab_path, '\n'.join(pieces) + '\n')
   config = build_config(base_config, hf, vocab_path, lowercase, max_len, dropout, attention_dropout)
   config_lib.validate(config)
   tokenizer = data.build_tokenizer(config)
@@ -228,18 +230,17 @@ def import_hf(hf_dir: str, workdir: str, base_config, max_len: int | None = None
   state = steps.init_state(abstract, optim.make_optimizer(config), config.seed)
   resolved = config.to_dict()
   resolved['model']['dtype'] = cfg.dtype
-  _write_json(os.path.join(workdir, 'config.json'), resolved)
-  tokenizer.save(os.path.join(workdir, 'tokenizer'))
-  with open(os.path.join(workdir, 'import_config.py'), 'w') as f:
-    f.write(_CONFIG_TEMPLATE.format(hf_dir=os.path.abspath(hf_dir),
-                                    config=json.dumps(resolved, indent=2, sort_keys=True)))
+  paths.write_json(workdir / 'config.json', resolved)
+  tokenizer.save(workdir / 'tokenizer')
+  paths.write_atomic(workdir / 'import_config.py', _CONFIG_TEMPLATE.format(
+      hf_dir=paths.absolute(hf_dir), config=json.dumps(resolved, indent=2, sort_keys=True)))
   k = config.checkpoint
-  checkpointer = ckpt.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=k.keep,
+  checkpointer = ckpt.Checkpointer(str(workdir / 'checkpoints'), keep=k.keep,
                                    keep_best=k.keep_best, best_metric=k.best_metric,
                                    best_mode=k.best_mode, async_save=False)
   try:
     checkpointer.save(0, state, force=True, metadata={
-        'config': resolved, 'step': 0, 'imported_from': os.path.abspath(hf_dir),
+        'config': resolved, 'step': 0, 'imported_from': paths.absolute(hf_dir),
         'param_counts': model_lib.count_params(state['params'])})
     checkpointer.wait()
   finally:
@@ -265,9 +266,8 @@ def get_config():
 '''
 
 
-def _write_json(path, obj):
-  with open(path, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
+def _read_json(path: epath.Path):
+  return json.loads(path.read_bytes().decode('utf-8'))
 
 
 def define_flags():
@@ -295,7 +295,7 @@ def main(argv):
     sys.exit(2)
   for w in result['warnings']:
     print(f'warning: {w}', file=sys.stderr)
-  workdir = os.path.abspath(argv[2])
+  workdir = paths.absolute(argv[2])
   print(f'imported {argv[1]} into {workdir}; continue pretraining with\n'
         f'  python -m mlm_jax.main --config={workdir}/import_config.py --workdir={workdir}')
 

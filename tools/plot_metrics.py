@@ -3,12 +3,17 @@
   python tools/plot_metrics.py RUN_DIR [--out metrics.png]
 
 Panels: loss, accuracy, perplexity (train line, eval dots), learning rate, gradient norm, tokens/s.
-The default output is RUN_DIR/metrics.png. Needs matplotlib (pip install 'mlm_jax[plot]').
+The default output is RUN_DIR/metrics.png. RUN_DIR and --out may be local or gs://. Needs
+matplotlib (pip install 'mlm_jax[plot]').
 """
 import argparse
+import io
 import os
 import sys
 
+from etils import epath
+
+from mlm_jax import paths
 from mlm_jax.rundir import read_metrics
 
 PANELS = (('loss', ('train/loss', 'eval/loss'), False),
@@ -28,7 +33,7 @@ def plot(workdir: str, out: str | None = None) -> str:
   series = read_metrics(workdir)
   if not series:
     raise ValueError(f'{workdir}/metrics.jsonl has no metrics yet')
-  out = out or os.path.join(workdir, 'metrics.png')
+  out = out or os.path.join(workdir, 'metrics.png')  # os.path.join keeps a gs:// prefix whole
   fig, axes = plt.subplots(2, 3, figsize=(13, 6.5), constrained_layout=True)
   for ax, (title, keys, log) in zip(axes.flat, PANELS):
     for key in keys:
@@ -42,9 +47,11 @@ def plot(workdir: str, out: str | None = None) -> str:
     ax.grid(alpha=0.3)
     if len(ax.lines) > 1:
       ax.legend()
-  fig.suptitle(os.path.basename(os.path.abspath(workdir)))
-  fig.savefig(out, dpi=100)
+  fig.suptitle(epath.Path(paths.absolute(workdir)).name)
+  image = io.BytesIO()  # then written whole, local or gs://
+  fig.savefig(image, format=os.path.splitext(out)[1][1:] or 'png', dpi=100)
   plt.close(fig)
+  paths.write_atomic(out, image.getvalue())
   return out
 
 

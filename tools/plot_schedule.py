@@ -4,8 +4,10 @@
       [--out schedule.png]
 
 The schedule is mlm_jax.optim.learning_rate_schedule, the one training uses, indexed by optimizer
-step (gradient accumulation does not stretch it). Needs matplotlib (pip install 'mlm_jax[plot]').
+step (gradient accumulation does not stretch it). --out may be local or gs://. Needs matplotlib
+(pip install 'mlm_jax[plot]').
 """
+import io
 import os
 import sys
 
@@ -49,8 +51,11 @@ def plot(config, out: str) -> str:
   ax.set_ylabel('learning rate')
   ax.grid(alpha=0.3)
   ax.legend()
-  fig.savefig(out, dpi=100)
+  image = io.BytesIO()  # then written whole, local or gs://
+  fig.savefig(image, format=os.path.splitext(out)[1][1:] or 'png', dpi=100)
   plt.close(fig)
+  from mlm_jax import paths  # pylint: disable=import-outside-toplevel
+  paths.write_atomic(out, image.getvalue())
   return out
 
 

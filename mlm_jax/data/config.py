@@ -121,8 +121,10 @@ def defaults() -> ml_collections.ConfigDict:
   d.event_types = 'search,view,add_to_cart,purchase'
   # Use only the first N records of each split's source (0 = all); handy for quick runs.
   d.max_records = 0
-  # Where record-offset indexes of text/JSONL files are cached ('' = ~/.cache/mlm_jax, or the
-  # temp dir if that is not writable). Indexes are keyed by path, size and mtime.
+  # Where record-offset indexes of text/JSONL files are cached: '' = ~/.cache/mlm_jax (or the temp
+  # dir if that is not writable); a directory, local or gs://, e.g. beside the run
+  # (gs://BUCKET/run/index_cache); '{data}' stands for each data file's own directory, so
+  # '{data}/.mlm_jax_index' keeps the indexes beside the data. Keyed by path, size and mtime.
   d.cache_dir = ''
   return d
 

@@ -16,11 +16,12 @@ suffix (e.g. 'localhost', 'co.uk' alone) are bad records: skipped and counted (d
 """
 import csv
 import functools
-import os
+import io
 import re
 
 import numpy as np
 from absl import logging
+from etils import epath
 
 from mlm_jax.data import config as data_config
 from mlm_jax.data import filereader, sources, textindex
@@ -263,17 +264,16 @@ class DomainTokenizer(CharTokenizer):
   def save(self, directory):
     write_meta(directory, {'kind': self.kind, 'lowercase': self.lowercase,
                             'alphabet': self.alphabet, 'tld_vocab': TLD_FILE})
-    with open(os.path.join(directory, TLD_FILE), 'w', encoding='utf-8') as f:
-      f.write(''.join(t + '\n' for t in self.tlds))
+    (epath.Path(directory) / TLD_FILE).write_bytes(''.join(t + '\n' for t in self.tlds).encode())
 
   @classmethod
   def load(cls, directory, meta):
-    path = os.path.join(directory, meta['tld_vocab'])
+    path = epath.Path(directory) / meta['tld_vocab']
     try:
-      with open(path, encoding='utf-8') as f:
-        tlds = [line.rstrip('\n') for line in f if line.strip()]
+      text = path.read_bytes().decode('utf-8')
     except OSError as e:
-      raise DataError(f'{path}: cannot read the TLD vocabulary ({e.strerror})') from None
+      raise DataError(f'{path}: cannot read the TLD vocabulary ({e.strerror or e})') from None
+    tlds = [line.rstrip('\n') for line in io.StringIO(text, newline=None) if line.strip()]
     return cls(meta['alphabet'], meta['lowercase'], tlds)
 
 

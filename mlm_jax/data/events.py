@@ -26,10 +26,11 @@ chosen, never drawn as random replacements): the 'event_type' feature already te
 its event's type, so predicting an [E:type] token would be a give-away, not a task.
 """
 import hashlib
+import io
 import json
-import os
 
 import numpy as np
+from etils import epath
 
 from mlm_jax.data import config as data_config
 from mlm_jax.data import sources, textindex
@@ -128,7 +129,7 @@ class SessionTokenizer(Tokenizer):
 
   @classmethod
   def load(cls, directory, meta):
-    return cls(os.path.join(directory, meta['vocab']), meta['event_types'], meta['lowercase'])
+    return cls(str(epath.Path(directory) / meta['vocab']), meta['event_types'], meta['lowercase'])
 
 
 class EventSource(sources.JsonlSource):
@@ -178,6 +179,6 @@ def open_source(config, split: str) -> EventSource | None:
 
 
 def read_sessions(path: str) -> list[dict]:
-  """All sessions of a (small) JSONL file: for tools and tests."""
-  with open(path, encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """All sessions of a (small) JSONL file, local or gs://: for tools and tests."""
+  text = epath.Path(path).read_bytes().decode('utf-8')
+  return [json.loads(line) for line in io.StringIO(text, newline=None) if line.strip()]

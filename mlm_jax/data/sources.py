@@ -5,13 +5,13 @@ Every source reads records lazily by index (`read`), so nothing but offset index
 and pickles cheaply into grain worker processes (indexes reload from the on-disk cache there).
 """
 import collections
-import glob
 import hashlib
 import json
 
 import numpy as np
 from absl import logging
 
+from mlm_jax import paths
 from mlm_jax.data import config as data_config
 from mlm_jax.data import filereader, textindex
 from mlm_jax.errors import ConfigError, DataError
@@ -45,9 +45,10 @@ def new_counts() -> collections.Counter:
 
 
 def expand_globs(spec: str, field: str) -> list[str]:
+  """The files of comma-separated globs, local or on an object store (gs://bucket/dir/*.txt)."""
   files = []
   for pattern in (p for p in spec.split(',') if p.strip()):
-    matches = sorted(glob.glob(data_config.expand_path(pattern)))
+    matches = paths.glob(data_config.expand_path(pattern))
     if not matches:
       raise DataError(f'config.data.{field}: {pattern.strip()!r} matches no file')
     files += matches

@@ -6,12 +6,15 @@ of the records (the default split key) are a second cached file, built only when
 The corpus itself is never held in memory.
 """
 import hashlib
+import io
 import os
 import tempfile
 
 import numpy as np
 from absl import logging
+from etils import epath
 
+from mlm_jax import paths
 from mlm_jax.errors import DataError
 
 _VERSION = 3
@@ -42,9 +45,10 @@ def _line_spans(buf: np.ndarray, base: int):
 
 
 def _blocks(path):
-  """Yields (uint8 array ending with a newline, absolute offset of its first byte)."""
+  """Yields (uint8 array ending with a newline, absolute offset of its first byte); the file is
+  streamed _BLOCK bytes at a time (on an object store, ranged reads: never downloaded whole)."""
   offset, carry = 0, b''
-  with open(path, 'rb') as f:
+  with epath.Path(path).open('rb') as f:
     while True:
       data = f.read(_BLOCK)
       if not data:
@@ -102,7 +106,7 @@ def _records(path, unit):
 
 def _hashes(path, start_N, end_N):
   out = np.zeros(len(start_N), np.uint64)
-  with open(path, 'rb') as f:
+  with epath.Path(path).open('rb') as f:
     pos = 0
     for k in range(0, len(start_N), 8192):
       s, e = start_N[k:k + 8192], end_N[k:k + 8192]
@@ -114,7 +118,14 @@ def _hashes(path, start_N, end_N):
   return out
 
 
+DATA_DIR = '{data}'  # in data.cache_dir: the directory of each data file
+
+
 def cache_dir(configured: str) -> str:
+  """Where indexes go: `configured` (local or a URL such as gs://bucket/run/index_cache; with
+  `{data}`, per data file, see `file_cache_dir`), else ~/.cache/mlm_jax, else the temp dir."""
+  if DATA_DIR in configured or not paths.is_local(configured):
+    return configured  # created when the first index is written
   for d in (configured, os.path.join(os.path.expanduser('~'), '.cache', 'mlm_jax'),
             os.path.join(tempfile.gettempdir(), 'mlm_jax_cache')):
     if not d:
@@ -128,33 +139,62 @@ def cache_dir(configured: str) -> str:
   raise DataError(f'no writable cache directory (tried {configured!r}, ~/.cache, the temp dir)')
 
 
-def _cached(path, unit, cache, kind, build):
-  """Arrays `build()` returns, cached on disk under a key of (path, unit, kind, size, mtime)."""
+def file_cache_dir(cache: str, path: str) -> str:
+  """The cache directory of data file `path`: `cache` with `{data}` standing for the file's own
+  directory (so gs://bucket/corpus/*.txt with '{data}/.mlm_jax_index' keeps the indexes in the
+  bucket, beside the data, for every machine that reads it)."""
+  return cache.replace(DATA_DIR, os.path.dirname(path.rstrip('/'))) if DATA_DIR in cache else cache
+
+
+def _stamp(path) -> np.ndarray:
+  """(version, size, mtime) of a data file: a cached index is valid while they are unchanged."""
   try:
-    st = os.stat(path)
-    with open(path, 'rb'):
-      pass
+    if paths.is_local(path):
+      st = os.stat(path)
+      with open(path, 'rb'):
+        pass
+      size, mtime_ns = st.st_size, st.st_mtime_ns
+    else:
+      size, mtime_ns = paths.remote_version(path)
   except OSError as e:
-    raise DataError(f'{path}: cannot read ({e.strerror})') from None
-  key = hashlib.blake2b(f'{os.path.abspath(path)}|{unit}'.encode(), digest_size=10).hexdigest()
-  cache_path = os.path.join(cache, f'{os.path.basename(path)[:40]}.{key}.{kind}.npz')
-  stamp = np.array([_VERSION, st.st_size, st.st_mtime_ns], np.int64)
+    raise DataError(f'{path}: cannot read ({e.strerror or e})') from None
+  return np.array([_VERSION, size, mtime_ns], np.int64)
+
+
+def _load_cached(cache_path: str, stamp) -> dict | None:
   try:
-    with np.load(cache_path) as z:
+    source = cache_path if paths.is_local(cache_path) else io.BytesIO(
+        epath.Path(cache_path).read_bytes())
+    with np.load(source) as z:
       if np.array_equal(z['stamp'], stamp):
         return {k: z[k] for k in z.files if k != 'stamp'}
   except (OSError, ValueError, KeyError):
     pass
-  arrays = build()
-  # Write then rename, so concurrent processes never read a half-written file.
-  tmp = f'{cache_path}.{os.getpid()}.tmp'
+  return None
+
+
+def _store_cached(cache: str, cache_path: str, kind: str, path: str, stamp, arrays: dict):
+  # Written whole (temporary file and rename; one upload on an object store), so concurrent
+  # processes never read a half-written file.
   try:
-    os.makedirs(cache, exist_ok=True)
-    with open(tmp, 'wb') as f:
-      np.savez(f, stamp=stamp, **arrays)
-    os.replace(tmp, cache_path)
+    epath.Path(cache).mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    np.savez(buf, stamp=stamp, **arrays)
+    paths.write_atomic(cache_path, buf.getvalue())
   except OSError as e:
     logging.warning('Could not cache the %s of %s in %s: %s', kind, path, cache, e)
+
+
+def _cached(path, unit, cache, kind, build):
+  """Arrays `build()` returns, cached on disk under a key of (path, unit, kind, size, mtime)."""
+  stamp = _stamp(path)
+  cache = file_cache_dir(cache, path)
+  key = hashlib.blake2b(f'{paths.absolute(path)}|{unit}'.encode(), digest_size=10).hexdigest()
+  cache_path = os.path.join(cache, f'{os.path.basename(path)[:40]}.{key}.{kind}.npz')
+  arrays = _load_cached(cache_path, stamp)
+  if arrays is None:
+    arrays = build()
+    _store_cached(cache, cache_path, kind, path, stamp, arrays)
   return arrays
 
 

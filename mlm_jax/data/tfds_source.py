@@ -1,8 +1,12 @@
-"""TFDS datasets (array_record) as a record source, through `tfds.data_source`."""
+"""TFDS datasets (array_record) as a record source, through `tfds.data_source`.
+
+data.tfds_data_dir may be local or gs://: TFDS reads its metadata through etils.epath and
+array_record reads the records with its own GCS client (google-cloud-cpp).
+"""
 import json
-import os
 
 import numpy as np
+from etils import epath
 
 from mlm_jax.data import sources
 from mlm_jax.errors import DataError
@@ -20,8 +24,7 @@ class TfdsSource:
     self.name = f'tfds:{name}[{split}]'
     self._ds = None
     self.n = len(self._source())
-    self.metadata = _read_json(os.path.join(str(self._source().dataset_info.data_dir),
-                                            'metadata.json'))
+    self.metadata = _read_json(epath.Path(self._source().dataset_info.data_dir) / 'metadata.json')
     if limit:
       self.n = min(self.n, limit)
 
@@ -69,8 +72,7 @@ class TfdsSource:
 
 def _read_json(path):
   try:
-    with open(path, encoding='utf-8') as f:
-      return json.load(f)
+    return json.loads(epath.Path(path).read_bytes().decode('utf-8'))
   except (OSError, ValueError):
     return {}
 

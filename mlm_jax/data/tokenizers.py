@@ -6,10 +6,11 @@ registry.py's business.
 """
 import functools
 import hashlib
+import io
 import json
-import os
 
 import numpy as np
+from etils import epath
 
 from mlm_jax.data import config as data_config
 from mlm_jax.errors import ConfigError, DataError
@@ -66,7 +67,8 @@ class Tokenizer:
   def decode(self, ids) -> str:
     raise NotImplementedError
 
-  def save(self, directory: str) -> None:
+  def save(self, directory) -> None:
+    """Writes the tokenizer into `directory` (a str or epath.Path, local or gs://)."""
     raise NotImplementedError
 
 
@@ -78,10 +80,11 @@ class WordPieceTokenizer(Tokenizer):
   def __init__(self, vocab_path: str, lowercase: bool = True):
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
     try:
-      with open(vocab_path, encoding='utf-8') as f:
-        self.pieces = [line.rstrip('\r\n') for line in f]
+      text = epath.Path(vocab_path).read_bytes().decode('utf-8')  # local or gs://
+      # Lines as a text-mode open() splits them (universal newlines).
+      self.pieces = [line.rstrip('\r\n') for line in io.StringIO(text, newline=None)]
     except OSError as e:
-      raise DataError(f'{vocab_path}: cannot read vocab ({e.strerror})') from None
+      raise DataError(f'{vocab_path}: cannot read vocab ({e.strerror or e})') from None
     vocab = {}
     for i, piece in enumerate(self.pieces):
       if not piece:
@@ -111,14 +114,14 @@ class WordPieceTokenizer(Tokenizer):
     return self._hf.decode([int(i) for i in ids], skip_special_tokens=False)
 
   def save(self, directory):
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, 'vocab.txt'), 'w', encoding='utf-8') as f:
-      f.write('\n'.join(self.pieces) + '\n')
+    directory = epath.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / 'vocab.txt').write_bytes(('\n'.join(self.pieces) + '\n').encode('utf-8'))
     write_meta(directory, {'kind': self.kind, 'lowercase': self.lowercase, 'vocab': 'vocab.txt'})
 
   @classmethod
   def load(cls, directory, meta):
-    return cls(os.path.join(directory, meta['vocab']), meta['lowercase'])
+    return cls(str(epath.Path(directory) / meta['vocab']), meta['lowercase'])
 
 
 class CharTokenizer(Tokenizer):
@@ -190,17 +193,16 @@ class CharTokenizer(Tokenizer):
 
 def write_meta(directory, meta):
   """tokenizer.json: the tokenizer's kind (the registry's loader key) and its settings."""
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, META_FILE), 'w', encoding='utf-8') as f:
-    json.dump(meta, f, ensure_ascii=False, indent=1)
+  directory = epath.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  (directory / META_FILE).write_bytes(json.dumps(meta, ensure_ascii=False, indent=1).encode())
 
 
-def read_meta(directory: str) -> dict:
+def read_meta(directory) -> dict:
   """The tokenizer.json `write_meta` wrote."""
-  path = os.path.join(directory, META_FILE)
+  path = epath.Path(directory) / META_FILE
   try:
-    with open(path, encoding='utf-8') as f:
-      return json.load(f)
+    return json.loads(path.read_bytes().decode('utf-8'))
   except (OSError, ValueError) as e:
     raise DataError(f'{path}: cannot load tokenizer ({e})') from None
 
