@@ -1,4 +1,5 @@
 """The `data` config section: fields, defaults, validation and derived values."""
+import importlib.util
 import math
 import os
 
@@ -9,7 +10,7 @@ from mlm_jax.errors import ConfigError
 # `{assets}` in a path expands to the package's shipped assets (the quick-start corpus).
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'assets')
 
-SOURCES = ('text', 'jsonl', 'tfds', 'domains', 'events')
+SOURCES = ('text', 'jsonl', 'tfds', 'hf', 'domains', 'events')
 TEXT_UNITS = ('line', 'block')
 TOKENIZERS = ('wordpiece', 'char', 'session')
 DOMAIN_PARTS = ('registrable', 'host')
@@ -19,15 +20,16 @@ INVALID_UTF8 = ('replace', 'skip')
 BAD_RECORDS = ('skip', 'error')
 DEFAULT_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 .,;:!?'\"-_/()&@#"
 DOMAIN_ALPHABET = 'abcdefghijklmnopqrstuvwxyz0123456789-.'  # what a host name may contain
+MAX_STREAM_SHARDS = 4096  # a streamed record id packs its input shard in 12 bits (hf_source.py)
 
 
 def defaults() -> ml_collections.ConfigDict:
   """The `data` section with its defaults: the shipped Shakespeare corpus, WordPiece, packing."""
   d = ml_collections.ConfigDict()
   # Where records come from: 'text' (plain text files), 'jsonl' (one JSON object per line),
-  # 'tfds' (an array_record TFDS dataset, e.g. written by tools/prepare_corpus.py), 'domains'
-  # (host names, one per line or a CSV column; see data/domains.py) or 'events' (JSONL sessions
-  # of typed events; see data/events.py).
+  # 'tfds' (an array_record TFDS dataset, e.g. written by tools/prepare_corpus.py), 'hf' (a Hugging
+  # Face `datasets` dataset; see data/hf_source.py), 'domains' (host names, one per line or a CSV
+  # column; see data/domains.py) or 'events' (JSONL sessions of typed events; see data/events.py).
   d.source = 'text'
   # Training files for 'text'/'jsonl': comma-separated globs; `{assets}` = the shipped assets folder.
   d.train_files = '{assets}/shakespeare/train.txt'
@@ -35,7 +37,7 @@ def defaults() -> ml_collections.ConfigDict:
   d.eval_files = '{assets}/shakespeare/valid.txt'
   # What one record is in a text file: 'line' (one per line) or 'block' (blank-line separated).
   d.text_unit = 'block'
-  # JSONL/TFDS field holding the record's text.
+  # JSONL/TFDS/HF field holding the record's text.
   d.text_field = 'text'
   # TFDS dataset name, e.g. 'my_corpus' or 'my_corpus:1.0.0' (source='tfds').
   d.tfds_name = ''
@@ -45,6 +47,21 @@ def defaults() -> ml_collections.ConfigDict:
   d.tfds_train_split = 'train'
   # TFDS split to evaluate on. Empty = carve the eval split out of the train split by hash.
   d.tfds_eval_split = 'validation'
+  # source='hf': a directory written by `save_to_disk`, or a name or path for `datasets.load_dataset`
+  # (a local data directory, a builder such as 'json' with hf_data_files, a dataset in the local hub
+  # cache). Set HF_DATASETS_OFFLINE=1 where nothing may be downloaded.
+  d.hf_path = ''
+  # source='hf': the dataset's configuration name for load_dataset ('' = its default).
+  d.hf_name = ''
+  # source='hf': data files for load_dataset, comma-separated globs (e.g. with hf_path='json').
+  d.hf_data_files = ''
+  # source='hf': the split to train on ('train[:10%]'-style slices work without streaming).
+  d.hf_split = 'train'
+  # source='hf': the split to evaluate on. Empty = carve the eval split out of hf_split by hash.
+  d.hf_eval_split = ''
+  # source='hf': stream the dataset (an IterableDataset: nothing converted up front) instead of
+  # reading records by index; records come in file order, whole files shuffled per epoch.
+  d.hf_streaming = False
   # Tokenizer: 'wordpiece' (BERT WordPiece from vocab_path), 'char' (one token per character) or
   # 'session' (event-type tokens, then WordPiece pieces from vocab_path; source='events').
   d.tokenizer = 'wordpiece'
@@ -58,10 +75,10 @@ def defaults() -> ml_collections.ConfigDict:
   d.eval_fraction = 0.05
   # Fraction of records carved out for a held-out test split (never trained or evaluated on).
   d.test_fraction = 0.0
-  # JSONL/TFDS field whose value decides the split (records sharing it stay together).
+  # JSONL/TFDS/HF field whose value decides the split (records sharing it stay together).
   # Empty = the record's text, so duplicate records never straddle train and eval.
   d.split_key = ''
-  # JSONL/TFDS field to stratify the carved splits by (each value gets the same fractions).
+  # JSONL/TFDS/HF field to stratify the carved splits by (each value gets the same fractions).
   # Empty = off.
   d.stratify_field = ''
   # Records longer than max_len - 2 tokens: 'window' (cut into windows at a random offset that
@@ -183,6 +200,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(d.train_files.strip(), 'data.train_files', f'required for source={d.source!r}')
   if d.source == 'tfds':
     _check(d.tfds_name, 'data.tfds_name', "required for source='tfds'")
+  if d.source == 'hf':
+    _check(importlib.util.find_spec('datasets') is not None, 'data.source',
+           "source='hf' needs the datasets package: pip install 'mlm_jax[hf_data]' (or datasets)")
+    _check(d.hf_path.strip(), 'data.hf_path', "required for source='hf'")
+    _check(d.hf_split.strip(), 'data.hf_split', "required for source='hf'")
+    if d.hf_streaming:
+      _check(not d.stratify_field, 'data.stratify_field', 'a streamed dataset is split record by '
+             'record; stratifying needs every record up front (data.hf_streaming=False)')
+      _check(d.num_shards <= MAX_STREAM_SHARDS, 'data.num_shards',
+             f'at most {MAX_STREAM_SHARDS} with data.hf_streaming, got {d.num_shards}')
   if d.source == 'text':
     if len(m.extra_embeddings):
       raise ConfigError('model.extra_embeddings', "plain text has no feature fields; use "

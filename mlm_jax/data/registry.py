@@ -12,7 +12,7 @@ stratify_field)` and `where(i)` ('file:line' of record i); `with_tokenizer(tok)`
 depend on the tokenizer. sources.TextSource and sources.JsonlSource are the models to copy.
 """
 from mlm_jax.data import config as data_config
-from mlm_jax.data import domains, events, sources, tfds_source, tokenizers
+from mlm_jax.data import domains, events, hf_source, sources, tfds_source, tokenizers
 from mlm_jax.errors import ConfigError, DataError
 
 # data.source -> open(config, split).
@@ -20,6 +20,7 @@ SOURCES = {
     'text': sources.open_text,
     'jsonl': sources.open_jsonl,
     'tfds': tfds_source.open_source,
+    'hf': hf_source.open_source,
     'domains': domains.open_source,
     'events': events.open_source,
 }
