@@ -276,6 +276,21 @@ def test_a_stream_with_fewer_files_than_input_shards_strides_over_the_records(co
   assert texts_at(s, 2, 3, 100, 100) == texts[2::3]  # the next pass, same single-file order
 
 
+def test_a_streamed_bad_record_is_counted_and_named_by_shard_and_row(tmp_path):
+  objects = [{'text': f'record {i}'} for i in range(40)]
+  objects[7] = {'note': 'no text here'}
+  path = write_jsonl(tmp_path / 'r.jsonl', objects)
+  s = stream('json', hf_data_files=path, eval_fraction=0.0)
+  ids = hf_source.encode_ids(np.arange(40, 80), 0, 1)  # the second pass
+  records = s.read(ids, {})
+  assert records.bad == [(7, "no 'text' field (data.text_field)")]
+  assert records.texts == [o['text'] for o in objects if 'text' in o]
+  assert s.where(int(ids[7])) == 'hf:json[train] shard 0 row 7 (epoch 1)'
+  limited = stream('json', hf_data_files=path, eval_fraction=0.0, max_records=10)
+  assert texts_at(limited, 0, 1, 0, 20) == [f'record {i}' for i in range(7)] + [
+      'record 8', 'record 9'] + [f'record {i}' for i in range(7)] + ['record 8', 'record 9']
+
+
 def test_a_stream_is_carved_like_the_same_dataset_by_index(corpus):
   c = make_config(hf_path=str(corpus / 'saved'), test_fraction=0.1)
   by_index = {}

@@ -199,8 +199,13 @@ class HfStreams:
     if eval_fraction or d.test_fraction:
       carve = (which, eval_fraction, d.test_fraction, d.split_key or d.text_field)
     name = f'hf:{d.hf_path}[{d.hf_split}]' + (f' ({which} part)' if carve else '')
-    return HfStream(load(self.config, d.hf_split, 'data.hf_split', True), name, carve=carve,
-                    **args)
+    stream = HfStream(load(self.config, d.hf_split, 'data.hf_split', True), name, carve=carve,
+                      **args)
+    if which == 'train':
+      logging.info('%s: streamed from %d dataset shards, read in a seeded order each epoch, the '
+                   'records of each in file order (no record-level shuffle); a resume re-reads '
+                   'the stream up to its position', name, stream.files)
+    return stream
 
 
 def encode_ids(pos_N, shard: int, shards: int) -> np.ndarray:
