@@ -30,7 +30,7 @@ def evaluate(workdir: str, files: str | None = None, step: int | None = None,
   run = run or rundir.load(workdir, step)
   config = ml_collections.ConfigDict(run.config)  # a private copy: --files must not leak
   if files:
-    if config.data.source == 'tfds':
+    if config.data.source in ('tfds', 'hf'):
       raise ConfigError('data.source', "--files needs a 'text' or 'jsonl' run")
     config.data.eval_files = files
     config.data.max_records = 0

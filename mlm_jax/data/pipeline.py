@@ -23,9 +23,12 @@ BATCH_KEYS = ('input_ids', 'segment_ids', 'positions', 'token_type_ids', 'mlm_po
 
 
 def split_records(config, which: str):
-  """(source, record indices) of split `which` ('train', 'eval' or 'test'), int32 if they fit."""
+  """(source, record indices) of split `which` ('train', 'eval' or 'test'), int32 if they fit;
+  (stream, None) for a streamed source, which carves its splits record by record itself."""
   d = config.data
   own_eval = registry.open_source(config, 'eval')
+  if getattr(own_eval, 'streaming', False):  # see data/hf_source.py
+    return own_eval.split(which), None
   if which == 'eval' and own_eval is not None:
     return own_eval, _nonempty(own_eval, np.arange(len(own_eval), dtype=np.int64), which)
   eval_fraction = d.eval_fraction if own_eval is None else 0.0  # carve eval only without its own
@@ -75,6 +78,10 @@ class _Epochs:
 
   def __getstate__(self):
     return {'ids': self.ids, 'seed': self.seed, '_perms': {}}
+
+  @property
+  def epoch_records(self):
+    return len(self.ids)
 
   def take(self, start, count):
     """(record ids, epochs) of stream positions [start, start + count)."""
@@ -226,12 +233,16 @@ def train_iterator(config, tokenizer, *, process_index=0, process_count=1):
   st.counts['empty_lines'] = getattr(getattr(source, 'fileset', None), 'empty_lines', 0)
   per_process = shards // process_count
   mine = range(process_index * per_process, (process_index + 1) * per_process)
-  logging.info('data/train: %d records in %d shards (shards %d-%d on process %d of %d), %s',
-               len(ids), shards, mine[0], mine[-1], process_index, process_count, source.name)
+  logging.info('data/train: %s records in %d shards (shards %d-%d on process %d of %d), %s',
+               'streamed' if ids is None else len(ids), shards, mine[0], mine[-1], process_index,
+               process_count, source.name)
 
   def shard_iterator(shard):
-    shard_ids = _nonempty(source, ids[shard::shards], f'train (shard {shard})')
-    epochs = _Epochs(shard_ids, config.seed if shards == 1 else [config.seed, shard])
+    if ids is None:  # a stream orders its records itself (positions of an endless sequence)
+      epochs = source.order(shard, shards)
+    else:
+      epochs = _Epochs(_nonempty(source, ids[shard::shards], f'train (shard {shard})'),
+                       config.seed if shards == 1 else [config.seed, shard])
 
     def make_chunks(first):
       ds = _TrainChunks(builder, epochs, d.chunk_records, first)
@@ -245,7 +256,7 @@ def train_iterator(config, tokenizer, *, process_index=0, process_count=1):
             worker_init_fn=_worker_init)
       return ds
 
-    return BatchIterator(make_chunks, config.train.batch_size // shards, st, len(shard_ids))
+    return BatchIterator(make_chunks, config.train.batch_size // shards, st, epochs.epoch_records)
 
   return ShardedIterator({s: shard_iterator(s) for s in mine}, shards, st)
 
@@ -298,19 +309,21 @@ def eval_batches(config, tokenizer, *, process_index=0, process_count=1, max_bat
   B, chunk = b * process_count, config.data.chunk_records
   st = stats_ if stats_ is not None else stats.Stats(split_name, source,
                                                      config.data.max_bad_fraction)
-  pending, count, lo = [], 0, 0
+  blocks = source.blocks(chunk) if ids is None else (ids[lo:lo + chunk]
+                                                     for lo in range(0, len(ids), chunk))
+  pending, count = [], 0
   emitted = 0
   while max_batches is None or emitted < max_batches:
-    while count < B and lo < len(ids):
-      rows = builder(ids[lo:lo + chunk], np.zeros(min(chunk, len(ids) - lo), np.int64))
-      lo += chunk
+    while count < B and (block := next(blocks, None)) is not None:
+      rows = builder(block, np.zeros(len(block), np.int64))
       st.add_chunk(rows.pop('_stats'), rows.pop('_bad'))
       pending.append(rows)
       count += len(rows['input_ids'])
     if not count:
       if not emitted and (max_batches is None or max_batches > 0):
         raise DataError(f'{source.name}: no record of the {split_name} split gives any token '
-                        f'({len(ids)} records; data stats: bad_records={st.counts["bad_records"]}, '
+                        f'({st.counts["records"]} records; data stats: '
+                        f'bad_records={st.counts["bad_records"]}, '
                         f'empty_records={st.counts["empty_records"]})')
       return
     batch = {k: np.concatenate([r[k] for r in pending]) for k in pending[0]}
