@@ -2,12 +2,14 @@
 
     python -m mlm_jax.gcs_emulator --bucket=bkt [--port=9023]
 
-starts the `gcp-storage-emulator` package's server on 127.0.0.1 (`pip install -e '.[gcs]'` brings
-it), creates the bucket, prints the environment to export in other shells and serves until Ctrl-C.
-Each layer has its own switch to the emulator (see `client_env`); nothing then leaves the machine.
+starts the `gcp-storage-emulator` package's server on 127.0.0.1 (`pip install -e '.[gcs,test]'`
+brings it and gcsfs), creates the bucket, prints the environment to export in other shells and
+serves until Ctrl-C. Each layer has its own switch to the emulator (see `client_env`); nothing then
+leaves the machine. The server gets the object generations tensorstore needs (`_add_generations`).
 """
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -148,7 +150,7 @@ class Emulator:
   def __init__(self, bucket: str, port: int = 0, log_path: str | None = None):
     if not available():
       raise RuntimeError("the GCS emulator needs `pip install gcp-storage-emulator` "
-                         "(or mlm_jax[gcs])")
+                         "(or mlm_jax[test])")
     self.bucket, self.port = bucket, port or _free_port()
     self.url = f'http://127.0.0.1:{self.port}'
     self._gcloud_dir = tempfile.mkdtemp(prefix='mlm_jax_gcloud_')
@@ -176,6 +178,7 @@ class Emulator:
         self.proc.kill()
         self.proc.wait()
     self._log.close()
+    shutil.rmtree(self._gcloud_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager

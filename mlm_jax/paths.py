@@ -112,6 +112,20 @@ class RangeReader:
       self._fd = None
 
 
+def stream(path, block: int):
+  """The file's bytes, `block` at a time: read() on a local file; on an object store, one ranged
+  GET per block (nothing is prefetched or kept beyond the block asked for)."""
+  if is_local(path):
+    with open(path, 'rb') as f:
+      while data := f.read(block):
+        yield data
+    return
+  size, _ = remote_version(path)
+  reader = RangeReader(path)
+  for lo in range(0, size, block):
+    yield reader.read([lo], [min(size, lo + block)])[0]
+
+
 def makedirs(path) -> None:
   """mkdir -p, local or on an object store (where directories are only name prefixes)."""
   epath.Path(path).mkdir(parents=True, exist_ok=True)

@@ -48,19 +48,15 @@ def _blocks(path):
   """Yields (uint8 array ending with a newline, absolute offset of its first byte); the file is
   streamed _BLOCK bytes at a time (on an object store, ranged reads: never downloaded whole)."""
   offset, carry = 0, b''
-  with epath.Path(path).open('rb') as f:
-    while True:
-      data = f.read(_BLOCK)
-      if not data:
-        break
-      data = carry + data
-      cut = data.rfind(b'\n') + 1
-      if cut == 0:
-        carry = data
-        continue
-      yield np.frombuffer(data, np.uint8, cut), offset
-      offset += cut
-      carry = data[cut:]
+  for data in paths.stream(path, _BLOCK):
+    data = carry + data
+    cut = data.rfind(b'\n') + 1
+    if cut == 0:
+      carry = data
+      continue
+    yield np.frombuffer(data, np.uint8, cut), offset
+    offset += cut
+    carry = data[cut:]
   if carry:
     yield np.frombuffer(carry + b'\n', np.uint8), offset
 
@@ -106,15 +102,16 @@ def _records(path, unit):
 
 def _hashes(path, start_N, end_N):
   out = np.zeros(len(start_N), np.uint64)
-  with epath.Path(path).open('rb') as f:
-    pos = 0
+  reader = paths.RangeReader(path)
+  try:
     for k in range(0, len(start_N), 8192):
       s, e = start_N[k:k + 8192], end_N[k:k + 8192]
-      lo = int(s[0]) if len(s) else pos
-      f.seek(lo)
-      data = f.read(int(e[-1]) - lo) if len(s) else b''
+      lo = int(s[0])
+      data = reader.read([lo], [int(e[-1])])[0]
       out[k:k + len(s)] = [int.from_bytes(hashlib.blake2b(data[a - lo:b - lo], digest_size=8).digest(),
                                           'little') for a, b in zip(s.tolist(), e.tolist())]
+  finally:
+    reader.close()
   return out
 
 
