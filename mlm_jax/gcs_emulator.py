@@ -236,18 +236,13 @@ def main(argv=None):
   parser.add_argument('--port', type=int, default=9023)
   parser.add_argument('--serve', action='store_true', help=argparse.SUPPRESS)  # the server itself
   args = parser.parse_args(argv)
-  if args.serve:
-    _serve('127.0.0.1', args.port, args.bucket)
-    return
-  with running(args.bucket, args.port) as emulator:
-    print(f'GCS emulator at {emulator.url}, bucket gs://{args.bucket}. In another shell:')
-    for k, v in emulator.env.items():
+  if not args.serve:  # a person: the environment to export, then the server in this process
+    url = f'http://127.0.0.1:{args.port}'
+    print(f'GCS emulator at {url}, bucket gs://{args.bucket}. In another shell:')
+    for k, v in client_env(url, tempfile.mkdtemp(prefix='mlm_jax_gcloud_')).items():
       print(f"export {k}='{v}'")
     sys.stdout.flush()
-    try:
-      emulator.proc.wait()
-    except KeyboardInterrupt:
-      pass
+  _serve('127.0.0.1', args.port, args.bucket)
 
 
 if __name__ == '__main__':
