@@ -7,7 +7,6 @@ eval, saves, stopping).
 """
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -27,6 +26,7 @@ from mlm_jax import data
 from mlm_jax import metrics as metrics_lib
 from mlm_jax import model as model_lib
 from mlm_jax import optim
+from mlm_jax import paths
 from mlm_jax import preemption as preemption_lib
 from mlm_jax import rundir
 from mlm_jax import sharding as shd
@@ -137,13 +137,6 @@ def quiet_library_logs():
     handler.addFilter(_QuietLibraries())
 
 
-def _write_json(path, obj):
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------
 # The program.
 
@@ -159,7 +152,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   is_main = jax.process_index() == 0
   tokenizer = data.build_tokenizer(config)  # checks model.vocab_size against the vocabulary
   trainer = Trainer(config, workdir)  # checks the mesh against the devices
-  os.makedirs(workdir, exist_ok=True)  # only now: a rejected config writes nothing
+  paths.makedirs(workdir)  # only now: a rejected config writes nothing
   logging.info('model: %s parameters (%s in the encoder blocks), compute dtype %s, mesh %s',
                f"{trainer.param_counts['total']:,}", f"{trainer.param_counts['encoder']:,}",
                trainer.model_cfg.dtype, dict(trainer.mesh.shape))
@@ -178,7 +171,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     resolved = config.to_dict()
     resolved['model']['dtype'] = trainer.model_cfg.dtype
     if is_main:
-      _write_json(os.path.join(workdir, 'config.json'), resolved)
+      paths.write_json(os.path.join(workdir, 'config.json'), resolved)  # whole or not at all
       tokenizer.save(os.path.join(workdir, 'tokenizer'))
     trainer.compile_steps(first_batch)
     writer = metrics_lib.Writer(workdir, enabled=is_main, resume_step=start_step,
@@ -193,7 +186,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 
 def _prepare(config, workdir: str):
-  """Validated private copy of the config ('auto' accumulation as 0) and the absolute workdir."""
+  """Validated private copy of the config ('auto' accumulation as 0, 'auto' batch size picked for
+  the backend: jax.distributed has started by now) and the absolute workdir."""
   config_lib.validate(config)
   quiet_library_logs()
   if '://' not in workdir:
@@ -204,6 +198,8 @@ def _prepare(config, workdir: str):
   values = config.to_dict()
   if config_lib.is_auto_accum(values['train']['grad_accum_steps']):
     values['train']['grad_accum_steps'] = 0  # an int field, so the count picked can replace it
+  values['train']['batch_size'] = config_lib.resolve_batch_size(values['train']['batch_size'],
+                                                                jax.default_backend())
   return ml_collections.ConfigDict(values), workdir
 
 
@@ -449,6 +445,7 @@ class _Loop:
     meta = {'config': self.resolved, 'step': step, 'early_stopping': self.early.state(),
             'param_counts': self.trainer.param_counts,
             'data_state': _gathered_input_state(self.train_iter)}
+    self.writer.flush()  # every row up to this step is in metrics.jsonl before the step can commit
     if self.checkpointer.save(step, state, metadata=meta, metrics=eval_metrics, force=force,
                               tokenizer=self.tokenizer_files):
       self.last_save_time = time.monotonic()

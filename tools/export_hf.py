@@ -1,9 +1,14 @@
 """Exports a checkpoint as a Hugging Face BertForMaskedLM directory (PyTorch/safetensors).
 
   python tools/export_hf.py RUN_DIR OUT_DIR [--step N] [--drop_extra_embeddings]
+  python tools/export_hf.py --checkpoint RUN_DIR/checkpoints/STEP OUT_DIR
 
-Writes OUT_DIR/config.json and OUT_DIR/model.safetensors (float32), plus vocab.txt,
-tokenizer_config.json and special_tokens_map.json for a WordPiece run, so that
+A checkpoint step directory is enough on its own (it holds its config and tokenizer), wherever it
+was copied to.
+
+RUN_DIR and OUT_DIR may be local or gs://. Writes OUT_DIR/config.json and
+OUT_DIR/model.safetensors (float32), plus vocab.txt, tokenizer_config.json and
+special_tokens_map.json for a WordPiece run, so that
 `transformers.BertForMaskedLM.from_pretrained(OUT_DIR)` and `AutoTokenizer.from_pretrained(OUT_DIR)`
 load it. The step defaults to the best checkpoint, else the newest (as mlm_jax.predict does).
 
@@ -21,6 +26,7 @@ if __name__ == '__main__':  # a program, not an import: never grab an accelerato
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # before jax is imported
 
 import numpy as np  # noqa: E402
+from etils import epath  # noqa: E402
 
 
 class ExportError(ValueError):
@@ -122,8 +128,8 @@ def write_tokenizer(tokenizer, out_dir: str, max_len: int) -> bool:
   """BertTokenizer files for a WordPiece tokenizer; False (nothing written) for others."""
   if tokenizer.kind != 'wordpiece':
     return False
-  with open(os.path.join(out_dir, 'vocab.txt'), 'w', encoding='utf-8') as f:
-    f.write('\n'.join(tokenizer.pieces) + '\n')
+  out = epath.Path(out_dir)
+  (out / 'vocab.txt').write_bytes(('\n'.join(tokenizer.pieces) + '\n').encode('utf-8'))
   p = tokenizer.pieces
   special = {'unk_token': p[tokenizer.unk_id], 'sep_token': p[tokenizer.sep_id],
              'pad_token': p[tokenizer.pad_id], 'cls_token': p[tokenizer.cls_id],
@@ -134,15 +140,14 @@ def write_tokenizer(tokenizer, out_dir: str, max_len: int) -> bool:
                       'model_max_length': max_len, 'clean_up_tokenization_spaces': False, **special}
   for name, obj in (('tokenizer_config.json', tokenizer_config),
                     ('special_tokens_map.json', special)):
-    with open(os.path.join(out_dir, name), 'w', encoding='utf-8') as f:
-      json.dump(obj, f, indent=2, ensure_ascii=False)
+    (out / name).write_bytes(json.dumps(obj, indent=2, ensure_ascii=False).encode('utf-8'))
   return True
 
 
 def export(workdir: str, out_dir: str, step: int | None = None,
            drop_extra_embeddings: bool = False) -> dict:
   """Writes the HF directory; returns {'step', 'warnings', 'tokenizer'}."""
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  from safetensors.numpy import save  # pylint: disable=import-outside-toplevel
 
   from mlm_jax import rundir  # pylint: disable=import-outside-toplevel
 
@@ -153,10 +158,11 @@ def export(workdir: str, out_dir: str, step: int | None = None,
   tokenizer = rundir.load_tokenizer(run, step)
   params, _ = rundir.read_params(run, step)
   tensors = hf_state_dict(params, config)
-  os.makedirs(out_dir, exist_ok=True)
-  save_file(tensors, os.path.join(out_dir, 'model.safetensors'), metadata={'format': 'pt'})
-  with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-    json.dump(hf_config(config, tokenizer.pad_id), f, indent=2, sort_keys=True)
+  out = epath.Path(out_dir)  # local or gs://, like the run
+  out.mkdir(parents=True, exist_ok=True)
+  (out / 'model.safetensors').write_bytes(save(tensors, metadata={'format': 'pt'}))
+  (out / 'config.json').write_bytes(
+      json.dumps(hf_config(config, tokenizer.pad_id), indent=2, sort_keys=True).encode())
   wrote_tokenizer = write_tokenizer(tokenizer, out_dir, config['model']['max_len'])
   if not wrote_tokenizer:
     warnings.append(f'the {tokenizer.kind} tokenizer has no Hugging Face equivalent: no tokenizer '
@@ -166,13 +172,19 @@ def export(workdir: str, out_dir: str, step: int | None = None,
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('workdir', help='run directory (config.json, tokenizer/, checkpoints/) '
-                      'or one checkpoint step directory of it')
+  parser.add_argument('workdir', nargs='?', help='run directory (config.json, tokenizer/, '
+                      'checkpoints/) or one checkpoint step directory of it')
   parser.add_argument('out', help='output directory for the Hugging Face files')
+  parser.add_argument('--checkpoint', default=None, help='instead of WORKDIR: a checkpoint step '
+                      'directory (RUN_DIR/checkpoints/STEP, or a copy of one anywhere) or a run '
+                      'directory')
   parser.add_argument('--step', type=int, default=None, help='checkpoint step (default: best, else newest)')
   parser.add_argument('--drop_extra_embeddings', action='store_true',
                       help='export a model with extra embeddings without them (outputs will differ)')
-  args = parser.parse_args(argv)
+  args = parser.parse_intermixed_args(argv)  # RUN_DIR --step N OUT, as before
+  if (args.workdir is None) == (args.checkpoint is None):
+    parser.error('give WORKDIR OUT, or --checkpoint PATH OUT')
+  args.workdir = args.workdir or args.checkpoint
   from absl import logging  # pylint: disable=import-outside-toplevel
   from mlm_jax.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
   from mlm_jax.errors import DataError  # pylint: disable=import-outside-toplevel
