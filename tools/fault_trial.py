@@ -156,7 +156,7 @@ def phase(log: str, workdir: str, eval_every: int, leftovers=frozenset()) -> str
   if not lines:
     return 'start-up: imports, config, tokenizer' + suffix
   last = lines[-1]
-  if m := re.match(r'step (\d+): train/', last):
+  if m := re.match(r'step (\d+)(: train/|/\d+ )', last):  # its metrics or its progress line
     step = int(m.group(1))
     what = 'eval' if eval_every and step % eval_every == 0 else 'steps'
     return f'{what} (after step {step})' + suffix
