@@ -2,6 +2,7 @@
 
 Kept thin on purpose: everything happens in `train.train_and_evaluate(config, workdir)`.
 """
+import errno
 import sys
 
 from absl import app, flags, logging
@@ -37,6 +38,11 @@ def main(argv):
   except (ConfigError, DataError, checkpoint.CheckpointError, train.TrainingHalted,
           autotune.OutOfMemory) as e:
     fail(e)
+  except OSError as e:  # a full disk while writing metrics or events: not a bug, say what to do
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+      raise
+    fail(OSError(e.errno, f'{e.strerror} while writing in {_WORKDIR.value}; free some space and '
+                 'run the same command again to continue from the last checkpoint'))
 
 
 def fail(error: Exception):

@@ -120,15 +120,14 @@ class Writer:
     self.wandb = wandb_writer.make_writer(wandb_project, workdir, config)
     # A resumed run rewrites the steps after its checkpoint.
     self.jsonl = _JsonlLog(os.path.join(workdir, METRICS_FILE), resume_step)
-    self.tb = _summary_writer(workdir)
+    self.tb = _EventFile(workdir, resume_step)
 
   def write(self, step: int, values: dict):
     if not self.enabled:
       return
     row = {'step': int(step), **{k: float(v) for k, v in values.items()}}
     self.jsonl.write(json.dumps(row) + '\n')
-    for k, v in values.items():
-      self.tb.add_scalar(k, float(v), int(step))
+    self.tb.write(int(step), row)
     if self.wandb:
       self.wandb.write(step, values)
     logging.info('step %d: %s', step, ', '.join(f'{k}={_fmt(v)}' for k, v in values.items()))
@@ -138,13 +137,19 @@ class Writer:
     is saved: a run resumed from it then finds every row up to its step."""
     if self.jsonl:
       self.jsonl.flush()
+      self.tb.flush()
 
   def close(self):
-    if self.jsonl:
-      self.jsonl.close()
-      self.tb.close()
-    if self.wandb:
-      self.wandb.close()
+    """Closes the outputs. A failure here (a full disk) is logged, not raised: raised from the
+    train loop's cleanup it would replace the error that ended the run."""
+    for name, out in (('metrics.jsonl', self.jsonl), ('TensorBoard events', self.tb),
+                      ('W&B', self.wandb)):
+      if out is None:
+        continue
+      try:
+        out.close()
+      except OSError as e:
+        logging.error('closing %s failed: %s', name, e)
 
 
 METRICS_FILE = 'metrics.jsonl'
@@ -219,13 +224,44 @@ class _JsonlLog:
       self.flush()
 
 
-def _summary_writer(workdir: str):
-  """tensorboardX's SummaryWriter; event files on an object store go through epath."""
-  from tensorboardX import SummaryWriter, record_writer  # only process 0 needs it
-  if not paths.is_local(workdir):
-    scheme = workdir.split('://', 1)[0]
-    record_writer.register_writer_factory(scheme, _EpathRecordWriterFactory())
-  return SummaryWriter(workdir)
+class _EventFile:
+  """TensorBoard scalars, written in the caller's thread and flushed (with fsync) at most every
+  _JsonlLog._UPLOAD_EVERY_S, at flush and at close. Not tensorboardX's SummaryWriter: it writes
+  from a thread that dies on a write error (a full disk), after which add_scalar blocks forever on
+  its bounded queue and training hangs; here the error reaches the train loop."""
+
+  def __init__(self, workdir: str, resume_step: int = 0):
+    from tensorboardX import event_file_writer, record_writer  # only process 0 needs them
+    from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+    if not paths.is_local(workdir):
+      scheme = workdir.split('://', 1)[0]
+      record_writer.register_writer_factory(scheme, _EpathRecordWriterFactory())
+    self._events = event_file_writer.EventsWriter(os.path.join(workdir, 'events'))
+    if resume_step:
+      # A resumed run logs the steps after its checkpoint again. A SessionLog START at step s makes
+      # TensorBoard drop every earlier event at a step >= s (points a killed run logged after its
+      # last checkpoint), so no step shows twice and no stale point stays.
+      self._events.write_event(event_pb2.Event(
+          wall_time=time.time(), step=resume_step + 1,
+          session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+    self._flushed = time.monotonic()
+
+  def write(self, step: int, row: dict):
+    from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+    from tensorboardX.summary import scalar  # pylint: disable=import-outside-toplevel
+    now = time.time()
+    for k, v in row.items():
+      if k != 'step':
+        self._events.write_event(event_pb2.Event(wall_time=now, step=step, summary=scalar(k, v)))
+    if time.monotonic() - self._flushed >= _JsonlLog._UPLOAD_EVERY_S:
+      self.flush()
+
+  def flush(self):
+    self._events.flush()
+    self._flushed = time.monotonic()
+
+  def close(self):
+    self._events.close()
 
 
 class _EpathRecordWriter:

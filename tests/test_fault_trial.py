@@ -156,12 +156,6 @@ def full_disk(tmp_path_factory):
   return reference, out
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'a full disk ends the CLI with a traceback (status 1) or hangs it, not with one error line: '
-    'metrics.Writer.close (the loop\'s cleanup) raises OSError(ENOSPC) from the TensorBoard flush, '
-    'which replaces the CheckpointError; an ENOSPC in a metrics.jsonl write is an OSError main.py '
-    'does not catch; and tensorboardX\'s writer thread dies on ENOSPC, after which add_scalar '
-    'blocks forever on its full queue (fix: see the fault-trial report)'))
 def test_full_disk_during_a_save_ends_with_one_error(full_disk):
   _, out = full_disk
   err = (out / 'full.err').read_text()
