@@ -35,6 +35,9 @@ def defaults() -> ml_collections.ConfigDict:
   d.train_files = '{assets}/shakespeare/train.txt'
   # Eval files (comma-separated globs). Empty = carve the eval split out of train_files by hash.
   d.eval_files = '{assets}/shakespeare/valid.txt'
+  # License of the training data as free text (e.g. 'MPL-2.0', 'CC-BY-SA-4.0'): exported model
+  # cards state it (tools/export_hf.py). '' = not stated. Never read by training.
+  d.license = ''
   # What one record is in a text file: 'line' (one per line) or 'block' (blank-line separated).
   d.text_unit = 'block'
   # JSONL/TFDS/HF field holding the record's text.
