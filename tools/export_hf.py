@@ -409,7 +409,7 @@ def export(workdir: str, out_dir: str, step: int | None = None,
   _write_json(out / CONFIG_FILE, config)
   eval_step, metrics = _eval_metrics(run, step, meta)
   card = model_card.render(model_card.Facts(
-      source=str(workdir), step=step, fmt=fmt, config=config, tokenizer=tokenizer, fold=fold,
+      step=step, fmt=fmt, config=config, tokenizer=tokenizer, fold=fold,
       param_counts=meta.get('param_counts') or {}, exported_params=int(exported_params),
       eval_step=eval_step, eval_metrics=metrics, dropped_extra=drop, platforms=tuple(platforms)))
   (out / 'README.md').write_bytes(card.encode('utf-8'))

@@ -14,7 +14,6 @@ _EXAMPLES = {'domain': 'exam[MASK]le.com',
 
 @dataclasses.dataclass(frozen=True)
 class Facts:
-  source: str  # the run or step directory exported
   step: int
   fmt: str  # 'safetensors' or 'stablehlo'
   config: dict  # the run's resolved config
@@ -167,7 +166,8 @@ def _use(f: Facts) -> list[str]:
              'mlm_inputs.pipeline_class())`).')
     lines += [plain, '']
   else:
-    lines += ['Needs jax and numpy only (no mlm_jax, no flax); platforms: '
+    lines += ['Needs jax (with `flatbuffers`, for deserializing) and numpy only: no mlm_jax, no flax. '
+              'Platforms: '
               f"{', '.join(f.platforms)}.", '', '```python', 'import jax, numpy as np',
               "exported = jax.export.deserialize(open('EXPORT_DIR/model.jax_export', 'rb').read())",
               "params = dict(np.load('EXPORT_DIR/params.npz'))",
@@ -203,7 +203,7 @@ def render(f: Facts) -> str:
   if f.fmt == 'safetensors':
     header.append('library_name: transformers')
   header += ['---', '', f'# Masked language model from mlm_jax, step {f.step:,}', '',
-             f'Exported from `{f.source}` by `tools/export_hf.py --format={f.fmt}`.', '']
+             f'Exported by mlm_jax\'s `tools/export_hf.py --format={f.fmt}`.', '']
   body = (_architecture(f) + _data(f) + _training(f) + _evaluation(f) + _tokenizer(f) + _use(f)
           + _files(f))
   return '\n'.join(header + body)
