@@ -244,7 +244,8 @@ def summary(study) -> list[dict]:
 def objective_summary(study, objectives) -> list[dict]:
   """One row per trial for an objectives study: its measured values, whether it is in the Pareto
   set (Optuna's best_trials), its params. Pareto trials first, by the first objective."""
-  front = {t.number for t in study.best_trials}
+  done = any(t.state.name == 'COMPLETE' for t in study.trials)
+  front = {t.number for t in study.best_trials} if done else set()  # (best_trial raises if none)
   rows = []
   for t in study.trials:
     a = t.user_attrs
