@@ -159,6 +159,7 @@ def test_domain_names_split_as_training_splits_them(domain_run, domain_export, t
 
 
 def test_domainbert_in_transformers_gives_our_logits(domain_run, domain_export):
+  need('torch')
   transformers = need('transformers')
   sys.path.insert(0, domain_export)
   try:
@@ -201,6 +202,8 @@ def test_domainbert_in_transformers_gives_our_logits(domain_run, domain_export):
 
 
 def test_model_card_and_config(domain_run, domain_export):
+  need('torch')  # the card's example runs
+  need('transformers')
   card = open(os.path.join(domain_export, 'README.md')).read()
   config = rundir.find_config(rundir.resolve(domain_run), 12)
   assert json.load(open(os.path.join(domain_export, 'mlm_jax_config.json'))) == config
@@ -227,6 +230,7 @@ def test_model_card_and_config(domain_run, domain_export):
 # --- the event-session BERT in transformers -------------------------------------------------------
 
 def test_event_bert_in_transformers_gives_our_logits(event_run, tmp_path):
+  need('safetensors')
   torch = need('torch')
   transformers = need('transformers')
   out = str(tmp_path / 'hf')
@@ -323,6 +327,7 @@ print(json.dumps({'loaded': loaded, 'top': top}))
 
 
 def test_stablehlo_artifact_runs_in_a_fresh_process(domain_run, tmp_path):
+  need('flatbuffers')  # jax.export's serialization
   step_dir = os.path.join(domain_run, 'checkpoints', '12')
   out = str(tmp_path / 'shlo')
   assert export_hf.main(['--checkpoint', step_dir, out, '--format=stablehlo']) == 0
@@ -361,6 +366,7 @@ def test_stablehlo_artifact_runs_in_a_fresh_process(domain_run, tmp_path):
 
 def test_stablehlo_exports_a_pre_ln_model(tmp_path):
   """Pre-LN has no BertForMaskedLM form, but the StableHLO artifact runs our own forward pass."""
+  need('flatbuffers')
   from tests.test_ecosystem import init_run  # pylint: disable=import-outside-toplevel
   workdir = init_run(str(tmp_path / 'run'), layer_norm='pre', extra={'tld': 7})
   with pytest.raises(export_hf.ExportError, match='stablehlo'):

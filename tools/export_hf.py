@@ -29,10 +29,12 @@ alone, so DomainBERT's HF token type is its TLD id). --drop_extra_embeddings exp
 attention_mask and token_type_ids as for transformers -> float32 logits [b, l, V]; b and l symbolic,
 l <= model.max_len) lowered for --platforms; params.npz, the float32 weights it takes; and
 stablehlo_run.py, a loader needing only jax and numpy. Any layer_norm works here.
-Needs `safetensors` for the default format (pip install 'mlm_jax[hf]'); never torch.
+Needs `safetensors` for the default format (pip install 'mlm_jax[hf]'), `flatbuffers` for stablehlo;
+never torch.
 """
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -379,6 +381,9 @@ def export(workdir: str, out_dir: str, step: int | None = None,
 
   if fmt not in FORMATS:
     raise ExportError(f'--format={fmt!r}: expected one of {", ".join(FORMATS)}')
+  if fmt == 'stablehlo' and importlib.util.find_spec('flatbuffers') is None:
+    raise ExportError('--format=stablehlo: jax.export serialization needs the flatbuffers package '
+                      '(pip install flatbuffers)')
   run = rundir.resolve(workdir)
   step = rundir.choose_step(run, step)
   config = rundir.find_config(run, step)
