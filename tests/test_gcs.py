@@ -162,6 +162,8 @@ def test_evaluate_predict_export_import_from_gcs(local_run, gcs_run, tmp_path):
   names = sorted(os.listdir(hf_local))
   assert 'model.safetensors' in names and 'vocab.txt' in names
   for name in names:
+    if name in ('README.md', 'mlm_jax_config.json'):  # they name each run's own data files
+      continue
     assert (epath.Path(hf_url) / name).read_bytes() == open(os.path.join(hf_local, name),
                                                             'rb').read(), name
 
