@@ -66,13 +66,19 @@ class Predictor:
     """A domain model reads the name left of the public suffix, and the suffix as its TLD id:
     'exam[MASK]le.com' -> ('exam[MASK]le', id of 'com'), as in training (data.domain_part)."""
     from mlm_jax.data import domains
-    probe = text.replace(MASK, 'a')  # any letter: only the suffix matters here
-    parts = domains.split_name(probe)
-    if parts is None:
+    part = self.config['data'].get('domain_part', 'registrable')
+    # Normalized as training normalizes (case, trailing dot, URL, IDNA): two probes, the masks read
+    # as 'a' and as 'b', line up character by character and differ exactly at the masks.
+    probes = [domains.split_name(text.replace(MASK, c)) for c in 'ab']
+    if None in probes:
       raise ValueError(f'{text!r} is not a domain name with a known public suffix')
-    suffix = parts[1]
-    host = text[:len(text) - len(suffix) - 1]
-    model_text = domains.record_text(host, self.config['data'].get('domain_part', 'registrable'))
+    (host_a, suffix), (host_b, suffix_b) = probes
+    a, b = domains.record_text(host_a, part), domains.record_text(host_b, part)
+    masks = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+    if suffix != suffix_b or len(a) != len(b) or len(masks) != text.count(MASK):
+      raise ValueError(f'{text!r}: each {MASK} must stand for one character of the text the model '
+                       'reads, left of the public suffix')
+    model_text = ''.join(MASK if i in masks else c for i, c in enumerate(a))
     return model_text, int(self.tokenizer.tld_ids([suffix])[0])
 
   def batch(self, texts: list[str], features: dict[str, int] | None = None) -> dict:

@@ -380,3 +380,8 @@ def test_predict_reads_a_domain_like_training_does(domain_file, tmp_path):
   assert tok.decode(row0[1:-1]).replace(tok.decode([tok.mask_id]), '?') in ('exam?le', 'exam ? le')
   assert batch['tld'][0, 0] == tok.tld_ids(['com'])[0] and batch['tld'][1, 0] == tok.tld_ids(['co.uk'])[0]
   assert list(slots[0]) == [5]  # [CLS] e x a m [MASK]
+  # Written as users write them: upper case, a trailing dot, a URL. The model reads the same.
+  for spelled in ('EXAM[MASK]LE.COM.', 'https://exam[MASK]le.com/path', 'www.exam[MASK]le.com'):
+    again, again_slots = predictor.batch([spelled])
+    assert (again['input_ids'][0] == batch['input_ids'][0]).all(), spelled
+    assert again['tld'][0, 0] == batch['tld'][0, 0] and list(again_slots[0]) == [5]
