@@ -5,7 +5,18 @@
 
 Point `data.vocab_path` at a BERT vocab.txt (e.g. bert-base-uncased's, or one made with
 tools/train_tokenizer.py) and set `model.vocab_size` to its size if it is not 30,522.
-Variants: `configs/bert_base.py:seq512` for the phase-2 sequence length.
+
+Phase 2 (BERT's last 10% of steps at length 512, to learn the long positions) is a new run that
+starts from phase 1's parameters with a fresh optimizer:
+
+  python -m mlm_jax.main --config=configs/bert_base.py:seq512 --workdir=runs/bert_base_512 \
+      --config.train.init_from=runs/bert_base --config.data.train_files='corpus/*.txt' \
+      --config.data.vocab_path=path/to/vocab.txt
+
+The position table grows from 128 to 512 rows, interpolated from the trained ones (README
+"Continued pretraining"). The same command with `train.init_from=path/to/bert-base-uncased`
+(an HF directory: config.json, model.safetensors, vocab.txt) continues a published BERT on your
+corpus (domain-adaptive pretraining); use the default variant for length 128.
 """
 from mlm_jax.config import base_config
 
@@ -23,7 +34,10 @@ def get_config(variant: str = ''):
   c.checkpoint.update(every=5_000, keep=3)
   if variant == 'seq512':
     c.model.max_len = 512
-    c.train.batch_size = 64
+    # Phase 2: 10% of phase 1's steps, the same tokens per step (64 x 512 = 256 x 128); a fresh
+    # Adam needs its warmup again (its moments start at zero).
+    c.train.update(batch_size=64, steps=100_000)
+    c.optimizer.warmup_steps = 10_000
   elif variant:
     raise ValueError(f'unknown variant {variant!r} (known: seq512)')
   return c

@@ -119,6 +119,12 @@ def base_config() -> ml_collections.ConfigDict:
   t.peak_flops = 0.0
   # Stop when checkpoint.best_metric has not improved for this many evaluations (0 disables).
   t.early_stopping_patience = 0
+  # A new run's parameters start from this: a run directory (its newest checkpoint), a checkpoint
+  # step directory, or a Hugging Face BERT directory ('' = random init). Optimizer state and step
+  # start fresh; a larger model.max_len interpolates the trained position table (README "Continued
+  # pretraining"). Only when the workdir has no checkpoint: a resumed run restores its own and
+  # ignores this field (so changing it on resume is allowed).
+  t.init_from = ''
   # Resume even if a field that breaks bitwise-exact continuation changed (model shape, seed, data,
   # batch size, ...); the run warns that the resume is not exact.
   t.allow_inexact_resume = False
@@ -319,6 +325,8 @@ def max_predictions(config) -> int:
 EXACTNESS_BREAKING = ('model.*', 'seed', 'data.*', 'optimizer.*', 'train.batch_size',
                       'train.grad_accum_steps', 'train.steps', 'train.overfit_one_batch',
                       'sharding.fixed_order_reduction')
+# train.init_from is free (matched by no pattern): it only chooses a fresh run's starting params,
+# and a resumed run restores its own.
 # More specific patterns that stay free although a pattern above matches them. Eval fields of
 # `data` are not here: empty eval files/split mean "carve eval out of train", which changes train.
 # The pipeline's output does not depend on its worker count or buffer sizes (tests/test_resume.py).

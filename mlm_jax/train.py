@@ -23,6 +23,7 @@ from mlm_jax import autotune
 from mlm_jax import checkpoint as ckpt
 from mlm_jax import config as config_lib
 from mlm_jax import data
+from mlm_jax import init_from
 from mlm_jax import metrics as metrics_lib
 from mlm_jax import model as model_lib
 from mlm_jax import optim
@@ -165,7 +166,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         os.path.join(workdir, 'checkpoints'), keep=k.keep, keep_best=k.keep_best,
         best_metric=k.best_metric, best_mode=k.best_mode, async_save=k.async_save)
     stack.callback(checkpointer.close)
-    state, start_step, meta = _restore_or_init(config, trainer, checkpointer, train_iter)
+    state, start_step, meta = _restore_or_init(config, trainer, checkpointer, train_iter,
+                                               tokenizer)
     first_batch = next(train_iter)
     _resolve_grad_accum(config, trainer, first_batch)
     resolved = config.to_dict()
@@ -203,8 +205,9 @@ def _prepare(config, workdir: str):
   return ml_collections.ConfigDict(values), workdir
 
 
-def _restore_or_init(config, trainer, checkpointer, train_iter):
-  """(state, step, metadata) of the newest usable checkpoint, or a fresh state at step 0.
+def _restore_or_init(config, trainer, checkpointer, train_iter, tokenizer):
+  """(state, step, metadata) of the newest usable checkpoint, or a fresh state at step 0 (its
+  params from train.init_from if set: init_from.py).
 
   A changed config is refused before any array is read; with grad_accum_steps='auto' a resumed run
   keeps the count its checkpoint was trained with."""
@@ -223,9 +226,15 @@ def _restore_or_init(config, trainer, checkpointer, train_iter):
                                  allow_inexact=config.train.allow_inexact_resume)
   restored = checkpointer.restore(trainer.abstract_state)
   if restored is None:
-    return trainer.init_state(), 0, {}
+    state = trainer.init_state()
+    if config.train.init_from:
+      state = init_from.apply(config.train.init_from, config, state, trainer.state_shardings,
+                              tokenizer)
+    return state, 0, {}
   state, meta = restored
   step = int(jax.device_get(state['step']))
+  if config.train.init_from:
+    logging.info('train.init_from ignored: the run resumes from its own checkpoint')
   if meta.get('data_state'):
     train_iter.set_state(meta['data_state'])
   else:
