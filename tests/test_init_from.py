@@ -132,6 +132,7 @@ def test_init_from_a_step_directory_and_a_run(phase1):
   params, _ = placed(c)
   assert_same_tree(params, rundir.read_params(rundir.resolve(step_dir), 50)[0])
   c.train.init_from = phase1  # a run: its newest step
+  c.sharding.fsdp = 4  # each device takes its own slice of the source's arrays
   params, _ = placed(c)
   assert_same_tree(params, rundir.read_params(rundir.resolve(phase1), PHASE1_STEPS)[0])
 
@@ -142,6 +143,7 @@ def test_extra_embeddings_added_and_type_vocab_extended(phase1):
   c = phase(32, 10, init_from=phase1)
   c.model.extra_embeddings = ml_collections.ConfigDict({'tld': 7})
   c.model.type_vocab_size = 3
+  c.sharding.fsdp = 2  # the token-type table [3, 32] is split on its width: rows replaced in place
   params, fresh = placed(c)
   source, _ = rundir.read_params(rundir.resolve(phase1), PHASE1_STEPS)
   emb, src = params['embeddings'], source['embeddings']
