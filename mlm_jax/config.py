@@ -331,7 +331,7 @@ EXACTNESS_BREAKING = ('model.*', 'seed', 'data.*', 'optimizer.*', 'train.batch_s
 # `data` are not here: empty eval files/split mean "carve eval out of train", which changes train.
 # The pipeline's output does not depend on its worker count or buffer sizes (tests/test_resume.py).
 EXACTNESS_SAFE = ('data.cache_dir', 'data.num_workers', 'data.worker_buffer_size',
-                  'data.prefetch_chunks')
+                  'data.prefetch_chunks', 'data.license')
 
 
 def _json_ready(obj):
