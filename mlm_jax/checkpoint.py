@@ -13,7 +13,6 @@ match is logged, renamed to `<step>.corrupt-<time>` and the previous one is used
 """
 import hashlib
 import importlib.metadata
-import json
 import math
 import sys
 import time
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mlm_jax import config as config_lib
 from mlm_jax import paths
 from mlm_jax.errors import ConfigError
 
@@ -135,11 +135,6 @@ def versions() -> dict[str, str]:
     except importlib.metadata.PackageNotFoundError:
       out[dist] = 'missing'
   return out
-
-
-def _json_ready(obj):
-  """What JSON would give back (tuples become lists), so saved and live configs compare equal."""
-  return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, 'item') else str(o)))
 
 
 def _brief(e: Exception) -> str:
@@ -278,7 +273,7 @@ class Checkpointer:
     self._check_async_error(block=True)
     metrics = _scalars(metrics)
     ranked = metrics if math.isfinite(metrics.get(self.best_metric, math.nan)) else None
-    meta = {**_json_ready(metadata), 'versions': versions(), 'state_sha256': digest(state),
+    meta = {**config_lib.json_ready(metadata), 'versions': versions(), 'state_sha256': digest(state),
             'checkpoint_info': {'step': step, 'process_count': jax.process_count(),
                                 'saved_at': time.time(),
                                 'metrics': metrics}}

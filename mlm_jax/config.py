@@ -7,7 +7,6 @@ the field (`config.model.hidden_size: ...`). The rules for what may change on re
 """
 import fnmatch
 import json
-from typing import Any
 
 import ml_collections
 from absl import logging
@@ -334,20 +333,9 @@ EXACTNESS_SAFE = ('data.cache_dir', 'data.num_workers', 'data.worker_buffer_size
                   'data.prefetch_chunks', 'data.license')
 
 
-def _json_ready(obj):
+def json_ready(obj):
   """What JSON would give back (tuples become lists), so saved and live configs compare equal."""
   return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, 'item') else str(o)))
-
-
-def _flat_dict(tree, prefix='') -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    key = f'{prefix}{k}'
-    if isinstance(v, dict) and v:
-      out.update(_flat_dict(v, key + '.'))
-    else:
-      out[key] = v
-  return out
 
 
 def breaks_exactness(field: str) -> bool:
@@ -358,7 +346,7 @@ def breaks_exactness(field: str) -> bool:
 def validate_resume(saved_config: dict, config: dict, allow_inexact: bool = False) -> None:
   """Refuses (ConfigError naming the field) a resume whose config change breaks exactness."""
   to_dict = lambda c: c.to_dict() if hasattr(c, 'to_dict') else c
-  old, new = _flat_dict(_json_ready(to_dict(saved_config))), _flat_dict(_json_ready(to_dict(config)))
+  old, new = _flatten(json_ready(to_dict(saved_config))), _flatten(json_ready(to_dict(config)))
   missing = object()
   changed = sorted(k for k in old.keys() | new.keys()
                    if old.get(k, missing) != new.get(k, missing) and breaks_exactness(k))

@@ -56,7 +56,7 @@ class Source:
 
 def read_source(path: str) -> Source:
   """The source at `path`: one of our runs or steps, or an HF BERT directory."""
-  path = paths.absolute(os.path.expanduser(path)) if paths.is_local(path) else path
+  path = paths.absolute(os.path.expanduser(path))
   p = epath.Path(path)
   if not p.exists():
     raise ConfigError(FIELD, f'{path}: not found')

@@ -192,8 +192,7 @@ def _prepare(config, workdir: str):
   the backend: jax.distributed has started by now) and the absolute workdir."""
   config_lib.validate(config)
   quiet_library_logs()
-  if '://' not in workdir:
-    workdir = os.path.abspath(workdir)
+  workdir = paths.absolute(workdir)
   if config.train.compilation_cache_dir:  # a restarted run loads its programs instead of compiling
     jax.config.update('jax_compilation_cache_dir',
                       os.path.expanduser(config.train.compilation_cache_dir))
@@ -369,6 +368,8 @@ class _Loop:
                    self.early.best, self.early.best_step)
       self.last['best_step'] = self.early.best_step
     self.last['step'] = step
+    # Device bytes of one compiled train step (None where the backend has no memory analysis).
+    self.last['compiled_step_bytes'] = autotune.compiled_bytes(self.trainer.compiled_train_step)
     return self.last
 
   def _dispatch(self, state, batch):

@@ -158,23 +158,12 @@ def tokens_per_sec(workdir: str) -> float:
   return statistics.median(speeds[1:] or speeds) if speeds else math.nan
 
 
-def peak_memory(workdir: str) -> tuple[int, str]:
-  """(bytes, source): the compiled train step's memory per device for the trial's resolved config
-  (workdir/config.json), or the process's peak RSS where the backend has no memory analysis."""
-  import ml_collections  # pylint: disable=import-outside-toplevel
-
-  from mlm_jax import autotune, data, train  # pylint: disable=import-outside-toplevel
-  with open(os.path.join(workdir, 'config.json')) as f:
-    config = ml_collections.ConfigDict(json.load(f))  # batch size, accumulation, dtype as run
-  it = data.train_iterator(config, data.build_tokenizer(config))
-  try:
-    batch = next(it)
-  finally:
-    it.close()
-  trainer = train.Trainer(config)
-  n = autotune.compiled_bytes(trainer.compile_train_step(batch, config.train.grad_accum_steps))
-  if n is not None:
-    return n, 'compiled'
+def peak_memory(last: dict) -> tuple[int, str]:
+  """(bytes, source): the trial's compiled train step's memory per device, as the trainer reported
+  it (`compiled_step_bytes` of train_and_evaluate's result), or the process's peak RSS where the
+  backend has no memory analysis."""
+  if last.get('compiled_step_bytes') is not None:
+    return int(last['compiled_step_bytes']), 'compiled'
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'rss'  # KiB on Linux
 
 
@@ -182,7 +171,7 @@ def measure(workdir: str, last: dict, objectives) -> dict:
   """A finished trial's objective values (loss and speed always: they cost nothing)."""
   out = {'loss': last.get('eval/loss', math.nan), 'tokens_per_sec': tokens_per_sec(workdir)}
   if 'peak_memory' in objectives:
-    out['peak_memory'], out['peak_memory_source'] = peak_memory(workdir)
+    out['peak_memory'], out['peak_memory_source'] = peak_memory(last)
   return out
 
 
