@@ -33,3 +33,15 @@ def quiet_closed_event_loop_callbacks() -> None:
     previous(unraisable)
 
   sys.unraisablehook = hook
+
+
+def fail(error: Exception):
+  """An expected failure ends a CLI: the whole message in the log, one `error:` line on stderr,
+  status 2. Checkpoints and metrics already written stay as they are."""
+  import sys
+  from absl import logging
+  logging.error('%s', error)
+  line = ' '.join(part.strip() for part in str(error).splitlines() if part.strip())
+  sys.stderr.flush()
+  print(f'error: {line}', file=sys.stderr)
+  sys.exit(2)

@@ -9,14 +9,13 @@ was copied to; --workdir is a run directory or one of its steps.
 Masks are fixed (the eval seed), so two evaluations of the same checkpoint and files agree exactly.
 Prints a final line `RESULT loss=... accuracy=... perplexity=... records=...`.
 """
-import sys
 
 import jax
 import ml_collections
 from absl import app, flags
 from flax import nnx
 
-from mlm_jax import data, metrics, rundir, steps
+from mlm_jax import data, errors, metrics, rundir, steps
 from mlm_jax import sharding as shd
 from mlm_jax.checkpoint import CheckpointError
 from mlm_jax.errors import ConfigError, DataError
@@ -63,13 +62,9 @@ def evaluate(workdir: str, files: str | None = None, step: int | None = None,
 
 def _define_flags():
   # Defined only when run as a program, so that tools can import this module and define their own.
-  flags.DEFINE_string('checkpoint', None, 'A checkpoint step directory (DIR/checkpoints/STEP, '
-                      'or a copy of one anywhere), or a run directory.')
-  flags.DEFINE_string('workdir', None, 'A run directory, or one checkpoint step directory.')
-  flags.mark_flags_as_mutual_exclusive(['checkpoint', 'workdir'], required=True)
+  rundir.define_path_flags()
   flags.DEFINE_string('files', None, 'Comma-separated globs of files to evaluate on; default: the '
                       'run\'s own eval split.')
-  flags.DEFINE_integer('step', None, 'Checkpoint step (default: best if any, else latest).')
   flags.DEFINE_integer('max_batches', None, 'Evaluate at most this many batches.')
 
 
@@ -77,9 +72,9 @@ def main(argv):
   del argv
   f = flags.FLAGS
   try:
-    r = evaluate(f.checkpoint or f.workdir, f.files, f.step, f.max_batches)
+    r = evaluate(rundir.path_from_flags(), f.files, f.step, f.max_batches)
   except (ConfigError, DataError, CheckpointError) as e:
-    sys.exit(f'error: {e}')
+    errors.fail(e)
   print(f"step {r['step']}: {r['masked_tokens']:.0f} masked tokens in {r['records']} records")
   print(f"RESULT loss={r['loss']:.6f} accuracy={r['accuracy']:.6f} "
         f"perplexity={r['perplexity']:.4f} records={r['records']}")

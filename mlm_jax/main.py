@@ -5,7 +5,7 @@ Kept thin on purpose: everything happens in `train.train_and_evaluate(config, wo
 import errno
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from mlm_jax import launch
@@ -37,23 +37,12 @@ def main(argv):
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, stop_after=_STOP_AFTER.value)
   except (ConfigError, DataError, checkpoint.CheckpointError, train.TrainingHalted,
           autotune.OutOfMemory) as e:
-    fail(e)
+    errors.fail(e)
   except OSError as e:  # a full disk while writing metrics or events: not a bug, say what to do
     if e.errno not in (errno.ENOSPC, errno.EDQUOT):
       raise
-    fail(OSError(e.errno, f'{e.strerror} while writing in {_WORKDIR.value}; free some space and '
+    errors.fail(OSError(e.errno, f'{e.strerror} while writing in {_WORKDIR.value}; free some space and '
                  'run the same command again to continue from the last checkpoint'))
-
-
-def fail(error: Exception):
-  """An expected failure: the whole message in the log, one `error:` line on stderr, status 2.
-
-  Checkpoints and metrics already written stay as they are (the loop's cleanup has run)."""
-  logging.error('%s', error)
-  line = ' '.join(part.strip() for part in str(error).splitlines() if part.strip())
-  sys.stderr.flush()
-  print(f'error: {line}', file=sys.stderr)
-  sys.exit(2)
 
 
 def parse_flags(argv):

@@ -12,7 +12,6 @@ enough on its own (it holds its config and tokenizer), wherever it was copied to
 import dataclasses
 import os
 import re
-import sys
 
 if __name__ == '__main__':  # a program, not an import: never grab an accelerator
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # before jax is imported
@@ -23,7 +22,7 @@ from absl import app, flags, logging  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from mlm_jax import model as model_lib  # noqa: E402
-from mlm_jax import rundir  # noqa: E402
+from mlm_jax import errors, rundir  # noqa: E402
 from mlm_jax.checkpoint import CheckpointError  # noqa: E402
 from mlm_jax.errors import DataError  # noqa: E402
 
@@ -171,14 +170,9 @@ def format_predictions(texts, results) -> str:
 
 def define_flags():
   """Only when run as a program: importing this module must not claim global flag names."""
-  flags.DEFINE_string('checkpoint', None, 'A checkpoint step directory (DIR/checkpoints/STEP, '
-                      'or a copy of one anywhere), or a run directory.')
-  flags.DEFINE_string('workdir', None, 'Run directory (checkpoints/, tokenizer/), or one '
-                      'checkpoint step directory of it.')
-  flags.DEFINE_integer('step', None, 'Checkpoint step (default: best, else newest).')
+  rundir.define_path_flags()
   flags.DEFINE_integer('top_k', 5, 'Predictions shown per [MASK].')
   flags.DEFINE_multi_string('feature', [], 'Extra embedding input, name=id (default 0).')
-  flags.mark_flags_as_mutual_exclusive(['checkpoint', 'workdir'], required=True)
 
 
 def main(argv):
@@ -188,11 +182,10 @@ def main(argv):
   if not f['verbosity'].present:  # orbax logs every read at INFO and a read-only notice at WARNING
     logging.set_verbosity(logging.ERROR)
   try:
-    predictor = Predictor(f.checkpoint or f.workdir, f.step)
+    predictor = Predictor(rundir.path_from_flags(), f.step)
     results = predictor.predict(texts, f.top_k, parse_features(f.feature))
   except (ValueError, CheckpointError, DataError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    errors.fail(e)
   print(f'step {predictor.step}')
   print(format_predictions(texts, results))
 

@@ -215,3 +215,20 @@ def read_metrics(path) -> dict[str, tuple[list[int], list[Any]]]:
         steps.append(row['step'])
         values.append(v)
   return series
+
+
+def define_path_flags():
+  """--checkpoint / --workdir (one of them) and --step of the CLIs that read a run. Defined only
+  when run as a program: importing a module must not claim global flag names."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_string('checkpoint', None, 'A checkpoint step directory (DIR/checkpoints/STEP, or '
+                      'a copy of one anywhere), or a run directory.')
+  flags.DEFINE_string('workdir', None, 'A run directory (checkpoints/, tokenizer/), or one '
+                      'checkpoint step directory.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default: best if any, else newest).')
+  flags.mark_flags_as_mutual_exclusive(['checkpoint', 'workdir'], required=True)
+
+
+def path_from_flags() -> str:
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  return flags.FLAGS.checkpoint or flags.FLAGS.workdir

@@ -117,5 +117,5 @@ def test_a_missing_run_or_checkpoint_is_a_one_line_error(run_dir, tmp_path):
   proc = subprocess.run([sys.executable, '-m', 'mlm_jax.evaluate',
                          f'--workdir={tmp_path / "nowhere"}'], cwd=REPO, capture_output=True,
                         text=True, timeout=300)
-  assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
   assert proc.stderr.strip().splitlines()[-1] == f'error: {tmp_path / "nowhere"}: not found'
