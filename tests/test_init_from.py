@@ -328,4 +328,5 @@ def test_interpolated_positions_start_phase2_far_better_than_fresh_rows(tmp_path
       [table, 0.02 * np.random.default_rng(0).standard_normal((n - len(table), table.shape[1]))])
   monkeypatch.setattr(init_from, 'extend_positions', fresh_rows)
   fresh_loss = first_eval('fresh_rows')
+  print(f'RESULT interpolated={interpolated_loss:.3f} fresh_rows={fresh_loss:.3f}')
   assert interpolated_loss < 2.5 < fresh_loss, (interpolated_loss, fresh_loss)
