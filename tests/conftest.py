@@ -8,12 +8,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir",
                   os.environ.get("MLM_JAX_TEST_CACHE", os.path.join(tempfile.gettempdir(),
                                                                    "mlm_jax_test_jax_cache")))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+_ABSL_LEVEL = absl_logging.get_absl_logger().level  # what a test starts with
 
 
 def pytest_addoption(parser):
@@ -36,3 +38,13 @@ def need(module: str):
     import importlib  # pylint: disable=import-outside-toplevel
     return importlib.import_module(module)
   return pytest.importorskip(module)
+
+
+@pytest.fixture(autouse=True)
+def _absl_level_as_at_start():
+  """CLIs run in-process (predict, export_hf, sweep, fault_trial's digest) lower absl's verbosity
+  for their own output, and a module fixture may have run one: every test starts with absl's logger
+  at the session's own level, so a test that reads the log (caplog) sees what it asserts."""
+  absl_logging.get_absl_logger().setLevel(_ABSL_LEVEL)
+  yield
+
