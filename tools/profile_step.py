@@ -66,7 +66,7 @@ def report(times: collections.Counter, index: dict, top: int) -> str:
            f'{"ms/step":>9}  {"op":30} {"shape":44} from']
   for ms, name in ops[:top]:
     shape, op = index[name]
-    lines.append(f'{ms:9.1f}  {name:30} {shape[:44]:44} {op[-80:]}')
+    lines.append(f'{ms:9.1f}  {name:30} {shape[:44]:44} {op[-80:] or "(inserted by XLA)"}')
   by_kind = collections.Counter()
   for ms, name in ops:
     by_kind[kind(name)] += ms
