@@ -69,12 +69,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer = o = ml_collections.ConfigDict()
   # Peak learning rate (reached at the end of warmup).
   o.learning_rate = 1e-3
-  # Decay after warmup: 'cosine', 'linear' or 'constant'.
+  # Decay after warmup: 'cosine', 'linear', 'constant' or 'wsd' (warmup-stable-decay: the peak until
+  # the last wsd_decay_fraction of train.steps, then a 1-sqrt decay to the end; docs/recipes.md).
   o.schedule = 'cosine'
   # Linear warmup from 0 over this many optimizer steps.
   o.warmup_steps = 100
-  # Final learning rate as a fraction of the peak (cosine/linear).
+  # Final learning rate as a fraction of the peak (cosine/linear/wsd).
   o.end_lr_ratio = 0.0
+  # schedule='wsd': share of train.steps spent in the final 1-sqrt decay (in [0, 1]).
+  o.wsd_decay_fraction = 0.2
   # Decoupled (AdamW) weight decay; never applied to biases or LayerNorm scales.
   o.weight_decay = 0.01
   # Adam first-moment decay.
@@ -85,6 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
   o.eps = 1e-6
   # Clip gradients to this global norm (0 disables).
   o.clip_norm = 1.0
+  # StableAdamW-style update clipping: each tensor's learning rate divided by
+  # max(1, sqrt(mean(g^2 / max(v_hat, eps^2)))) (docs/recipes.md); usually with clip_norm=0.
+  o.update_clipping = False
 
   c.train = t = ml_collections.ConfigDict()
   # Optimizer steps to train for (one step = batch_size sequences, whatever grad_accum_steps is).
@@ -99,6 +105,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Device memory budget per device for grad_accum_steps='auto', in bytes (0 = the device's own
   # limit; CPU has none, so 'auto' picks 1 there unless this is set).
   t.device_memory_limit = 0
+  # Batch-size ramp: over the first this many steps the micro-batches per step grow from
+  # batch_ramp_start to grad_accum_steps (micro-batch shape unchanged; docs/recipes.md). 0 = off.
+  t.batch_ramp_steps = 0
+  # Micro-batches per step at step 0 of the ramp (1 .. grad_accum_steps).
+  t.batch_ramp_start = 1
   # Log train metrics every this many steps.
   t.log_every = 50
   # Evaluate every this many steps (0 disables; an eval always runs at the last step if enabled).
@@ -179,14 +190,14 @@ _CHOICES = {
     'model.param_dtype': ('float32', 'bfloat16'),
     'model.remat_policy': ('none', 'full', 'save_dots'),
     'model.attention_impl': ('auto', 'xla', 'cudnn'),
-    'optimizer.schedule': ('cosine', 'linear', 'constant'),
+    'optimizer.schedule': ('cosine', 'linear', 'constant', 'wsd'),
     'train.nonfinite': ('halt', 'skip'),
     'checkpoint.best_mode': ('min', 'max'),
 }
 _POSITIVE = ('model.num_layers', 'model.hidden_size', 'model.num_heads', 'model.intermediate_size',
              'model.vocab_size', 'model.max_len', 'model.type_vocab_size', 'train.steps',
              'train.log_every')
-_NON_NEGATIVE = ('train.device_memory_limit', 'train.profile_start_step', 'train.profile_num_steps', 'optimizer.warmup_steps', 'optimizer.weight_decay', 'optimizer.clip_norm',
+_NON_NEGATIVE = ('train.device_memory_limit', 'train.batch_ramp_steps', 'train.profile_start_step', 'train.profile_num_steps', 'optimizer.warmup_steps', 'optimizer.weight_decay', 'optimizer.clip_norm',
                  'optimizer.end_lr_ratio', 'train.eval_every', 'train.peak_flops',
                  'checkpoint.every', 'checkpoint.every_seconds', 'checkpoint.keep_best', 'train.max_nonfinite_in_a_row')
 
@@ -253,8 +264,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
       t.batch_size % t.grad_accum_steps):
     raise ConfigError('train.grad_accum_steps',
                       f'{t.grad_accum_steps} does not divide train.batch_size {t.batch_size}')
+  _check_batch_ramp(t)
   if o.learning_rate <= 0:
     raise ConfigError('optimizer.learning_rate', f'must be > 0, got {o.learning_rate}')
+  _check_wsd(o, t)
   if not (0 <= o.b1 < 1 and 0 <= o.b2 < 1):
     raise ConfigError('optimizer.b1' if not 0 <= o.b1 < 1 else 'optimizer.b2', 'must be in [0, 1)')
   if o.warmup_steps > t.steps:
@@ -304,6 +317,31 @@ def _check_grad_accum(value):
                       f"expected a count >= 1, or 'auto' (or 0) to pick one, got {value!r}")
 
 
+def _check_batch_ramp(t):
+  if t.batch_ramp_start < 1:
+    raise ConfigError('train.batch_ramp_start', f'must be >= 1, got {t.batch_ramp_start}')
+  if t.batch_ramp_steps and is_auto_accum(t.grad_accum_steps):
+    raise ConfigError('train.batch_ramp_steps', "a ramp needs a fixed train.grad_accum_steps to "
+                      "grow to, not 'auto': set train.grad_accum_steps to a count")
+  if not is_auto_accum(t.grad_accum_steps) and t.batch_ramp_start > t.grad_accum_steps:
+    raise ConfigError('train.batch_ramp_start', f'{t.batch_ramp_start} is more than '
+                      f'train.grad_accum_steps={t.grad_accum_steps} (the micro-batches of a full '
+                      'step)')
+  if t.batch_ramp_steps and t.overfit_one_batch:
+    raise ConfigError('train.batch_ramp_steps', 'train.overfit_one_batch repeats one batch of one '
+                      'size: set batch_ramp_steps=0')
+
+
+def _check_wsd(o, t):
+  if not 0 <= o.wsd_decay_fraction <= 1:
+    raise ConfigError('optimizer.wsd_decay_fraction', f'must be in [0, 1], got '
+                      f'{o.wsd_decay_fraction}')
+  decay = int(round(o.wsd_decay_fraction * t.steps))
+  if o.schedule == 'wsd' and o.warmup_steps + decay > t.steps:
+    raise ConfigError('optimizer.wsd_decay_fraction', f'the decay ({decay} steps) and '
+                      f'optimizer.warmup_steps={o.warmup_steps} overlap in train.steps={t.steps}')
+
+
 def resolve_dtype(name: str, backend: str) -> str:
   """'auto' compute dtype: bfloat16 where the hardware has fast bf16 matmuls, else float32."""
   if name != 'auto':
@@ -323,6 +361,7 @@ def max_predictions(config) -> int:
 # parameter shapes/dtypes, every source of randomness or data order, and the update rule.
 EXACTNESS_BREAKING = ('model.*', 'seed', 'data.*', 'optimizer.*', 'train.batch_size',
                       'train.grad_accum_steps', 'train.steps', 'train.overfit_one_batch',
+                      'train.batch_ramp_steps', 'train.batch_ramp_start',
                       'sharding.fixed_order_reduction')
 # train.init_from is free (matched by no pattern): it only chooses a fresh run's starting params,
 # and a resumed run restores its own.
@@ -347,11 +386,22 @@ def validate_resume(saved_config: dict, config: dict, allow_inexact: bool = Fals
   """Refuses (ConfigError naming the field) a resume whose config change breaks exactness."""
   to_dict = lambda c: c.to_dict() if hasattr(c, 'to_dict') else c
   old, new = _flatten(json_ready(to_dict(saved_config))), _flatten(json_ready(to_dict(config)))
+  # A field the checkpoint lacks was added to the schema after it was written: it counts as its
+  # default, since a new field's default is the behaviour from before it existed.
+  defaults = _flatten(json_ready(base_config().to_dict()))
+  old = {**{k: defaults[k] for k in new.keys() - old.keys() if k in defaults}, **old}
   missing = object()
   changed = sorted(k for k in old.keys() | new.keys()
                    if old.get(k, missing) != new.get(k, missing) and breaks_exactness(k))
-  if new.get('optimizer.schedule') == old.get('optimizer.schedule') == 'constant':
-    changed = [k for k in changed if k != 'train.steps']  # the schedule does not depend on it
+  both = lambda field, value: old.get(field) == new.get(field) == value
+  unused = set()  # fields the update rule does not read in this run
+  if both('optimizer.schedule', 'constant'):
+    unused.add('train.steps')  # the schedule does not depend on it
+  if 'wsd' not in (old.get('optimizer.schedule'), new.get('optimizer.schedule')):
+    unused.add('optimizer.wsd_decay_fraction')
+  if both('train.batch_ramp_steps', 0):
+    unused.add('train.batch_ramp_start')
+  changed = [k for k in changed if k not in unused]
   if not changed:
     return
   first = changed[0]

@@ -1,10 +1,18 @@
-"""AdamW with a decay mask, global-norm clipping and warmup + cosine/linear/constant schedule.
+"""AdamW with a decay mask, global-norm clipping, optional per-tensor update clipping (StableAdamW),
+and warmup + cosine/linear/constant/wsd schedule.
 
 The schedule is indexed by OPTIMIZER steps (gradient accumulation happens inside one step), so
-`train.steps` is the schedule's length whatever `train.grad_accum_steps` is.
+`train.steps` is the schedule's length whatever `train.grad_accum_steps` is. docs/recipes.md says
+where the wsd schedule and the update clipping come from.
 """
 import jax
+import jax.numpy as jnp
 import optax
+
+
+def wsd_decay_steps(config) -> int:
+  """Steps of the wsd schedule's final 1-sqrt decay: round(wsd_decay_fraction * train.steps)."""
+  return int(round(config.optimizer.wsd_decay_fraction * config.train.steps))
 
 
 def learning_rate_schedule(config) -> optax.Schedule:
@@ -14,11 +22,24 @@ def learning_rate_schedule(config) -> optax.Schedule:
   if o.schedule == 'cosine':
     return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(steps, warmup + 1), end)
   warm = optax.linear_schedule(0.0, peak, warmup)
+  if o.schedule == 'wsd':
+    decay = wsd_decay_steps(config)
+    return optax.join_schedules([warm, optax.constant_schedule(peak), _sqrt_decay(peak, end, decay)],
+                                [warmup, steps - decay])
   if o.schedule == 'linear':
     after = optax.linear_schedule(peak, end, max(steps - warmup, 1))
   else:
     after = optax.constant_schedule(peak)
   return optax.join_schedules([warm, after], [warmup])
+
+
+def _sqrt_decay(peak: float, end: float, steps: int) -> optax.Schedule:
+  """end + (peak - end) * (1 - sqrt(t)), t = count / steps clipped to [0, 1] (Hägele et al. 2024):
+  it leaves the stable phase more gently than a linear decay and drops fastest at the very end."""
+  def schedule(count):
+    t = jnp.clip(jnp.asarray(count, jnp.float32) / max(steps, 1), 0.0, 1.0)
+    return end + (peak - end) * (1.0 - jnp.sqrt(t))
+  return schedule
 
 
 def decay_mask(params):
@@ -44,10 +65,40 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
   return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
 
 
+def update_clipping_scale(grad, nu_hat, eps: float):
+  """1 / max(1, RMS) with RMS = sqrt(mean(g^2 / max(nu_hat, eps^2))) over one tensor: the factor
+  StableAdamW (Wortsman et al. 2023) puts on that tensor's learning rate. nu_hat is Adam's
+  bias-corrected second moment, already updated with this g (Adafactor's update clipping: the
+  RMS is that of the update g / sqrt(nu_hat) before momentum)."""
+  g2 = jnp.square(grad.astype(jnp.float32))
+  rms = jnp.sqrt(jnp.mean(g2 / jnp.maximum(nu_hat.astype(jnp.float32), eps * eps)))
+  return 1.0 / jnp.maximum(1.0, rms)
+
+
+def with_update_clipping(adamw: optax.GradientTransformationExtraArgs, b2: float,
+                         eps: float) -> optax.GradientTransformationExtraArgs:
+  """`adamw` whose update of each tensor is scaled by `update_clipping_scale`: the learning rate
+  of that tensor divided by max(1, RMS), weight decay included (it stays decoupled and masked:
+  it is adamw's own term, scaled with the rest, as StableAdamW's lr * wd * theta).
+
+  The state is adamw's own, unchanged: the second moment is read from it after its update."""
+
+  def update(grads, state, params=None, **extra_args):
+    updates, state = adamw.update(grads, state, params, **extra_args)
+    adam = next(s for s in state if isinstance(s, optax.ScaleByAdamState))
+    nu_hat = optax.tree.bias_correction(adam.nu, b2, adam.count)  # count: already this step's
+    scales = jax.tree.map(lambda g, v: update_clipping_scale(g, v, eps), grads, nu_hat)
+    return jax.tree.map(lambda u, s: (u * s).astype(u.dtype), updates, scales), state
+
+  return optax.GradientTransformationExtraArgs(adamw.init, update)
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
   o = config.optimizer
   adamw = optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
                       weight_decay=o.weight_decay, mask=decay_mask)
+  if o.update_clipping:
+    adamw = with_update_clipping(adamw, o.b2, o.eps)
   if o.clip_norm > 0:
     return optax.chain(clip_by_global_norm(o.clip_norm), adamw)
   return adamw

@@ -115,13 +115,27 @@ def _fixed_order_gradients(params, batch, step_key, denominator, *, mesh, **kw):
   return _per_device(local, mesh, 4)(params, batch)
 
 
+def micro_batches(train_config, step: int) -> int:
+  """Micro-batches in optimizer step `step` (0-based): train.grad_accum_steps, except during the
+  batch-size ramp (R = batch_ramp_steps > 0, from k0 = batch_ramp_start to A = grad_accum_steps):
+  k(step) = k0 + floor((A - k0) * step / R) for step < R (linear, rounded down: the R ramp steps
+  are shared as evenly as whole steps allow by the counts k0 .. A-1), then A from step R on. A pure
+  function of the step, so the input position after any step is one too (exact resume)."""
+  t = train_config
+  a, r = t.grad_accum_steps, t.batch_ramp_steps
+  if not r or step >= r:
+    return a
+  return t.batch_ramp_start + (a - t.batch_ramp_start) * step // r
+
+
 def train_step(state, batch, *, graphdef, optimizer, schedule, grad_accum_steps: int,
                use_dropout: bool, mesh=None, fixed_order: bool = False):
   """One optimizer step over the global batch, as `grad_accum_steps` micro-batches in a lax.scan.
 
-  The loss is Σ(weight·CE) / Σweight over the WHOLE global batch, so accumulation, device count and
-  process count do not change the gradient (up to float summation order; `fixed_order` fixes that
-  order too, see config sharding.fixed_order_reduction).
+  The loss is Σ(weight·CE) / Σweight over the WHOLE global batch (during the batch-size ramp, all
+  rows of this step's micro-batches), so accumulation, device count and process count do not
+  change the gradient (up to float summation order; `fixed_order` fixes that order too, see config
+  sharding.fixed_order_reduction).
   """
   params = state['params']
   weight_sum = jnp.sum(batch['mlm_weights'])  # 0/1 weights: exact in any order

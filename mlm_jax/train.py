@@ -77,6 +77,9 @@ class Trainer:
     self.param_counts = model_lib.count_params(abstract_state['params'])
     self.batch_keys = None
     self._train_step = self._eval_step = None
+    self._full_rows = None  # local rows of a whole step's batch (grad_accum_steps micro-batches)
+    self._ramp_steps = {}  # micro-batches -> the step compiled for them (the batch-size ramp)
+    self.compile_seconds = 0.0  # spent compiling ramp steps on first use (not training speed)
 
   def init_state(self):
     return self._init(jax.random.key(self.config.seed))
@@ -98,10 +101,11 @@ class Trainer:
                                shd.abstract_batch(local_batch, self.mesh))[0]
 
   def compile_steps(self, local_batch: dict):
-    """Compiles the train and eval steps ahead of time for batches shaped like `local_batch`;
-    logs the time it took."""
+    """Compiles the train and eval steps ahead of time for batches shaped like `local_batch` (a
+    whole step's batch: arrays or ShapeDtypeStructs); logs the time it took."""
     tic = time.perf_counter()
     self.batch_keys = tuple(sorted(local_batch))
+    self._full_rows = local_batch['input_ids'].shape[0]
     self._eval_step = self._compile_eval_step(local_batch)
     if not config_lib.is_auto_accum(self.config.train.grad_accum_steps):
       self._train_step = self.compile_train_step(local_batch, self.config.train.grad_accum_steps)
@@ -113,7 +117,25 @@ class Trainer:
     return self._train_step
 
   def train_step(self, state, local_batch):
-    return self._train_step(state, shd.global_batch(local_batch, self.mesh))
+    """One optimizer step. A batch with fewer rows than a whole one (the batch-size ramp) holds
+    fewer micro-batches of the same shape; its step is compiled on first use, once per count."""
+    rows = local_batch['input_ids'].shape[0]
+    step = self._train_step if rows == self._full_rows else self._ramp_step(local_batch, rows)
+    return step(state, shd.global_batch(local_batch, self.mesh))
+
+  def _ramp_step(self, local_batch, rows):
+    full = self.config.train.grad_accum_steps
+    k, rest = divmod(rows * full, self._full_rows)
+    if rest or not 0 < k < full:
+      raise ValueError(f'a batch of {rows} rows is not a whole number of micro-batches '
+                       f'({self._full_rows // full} rows each)')
+    if k not in self._ramp_steps:
+      tic = time.perf_counter()
+      self._ramp_steps[k] = self.compile_train_step(local_batch, k)
+      seconds = time.perf_counter() - tic
+      self.compile_seconds += seconds
+      logging.info('compiled the train step for %d of %d micro-batches in %.1fs', k, full, seconds)
+    return self._ramp_steps[k]
 
   def evaluate(self, params, batches) -> dict:
     def compiled(local_batch):
@@ -168,14 +190,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     stack.callback(checkpointer.close)
     state, start_step, meta = _restore_or_init(config, trainer, checkpointer, train_iter,
                                                tokenizer)
-    first_batch = next(train_iter)
+    first_batch = next_batch(config, train_iter, start_step)
     _resolve_grad_accum(config, trainer, first_batch)
     resolved = config.to_dict()
     resolved['model']['dtype'] = trainer.model_cfg.dtype
     if is_main:
       paths.write_json(os.path.join(workdir, 'config.json'), resolved)  # whole or not at all
       tokenizer.save(os.path.join(workdir, 'tokenizer'))
-    trainer.compile_steps(first_batch)
+    trainer.compile_steps(_whole_batch_like(first_batch, config, start_step))
     writer = metrics_lib.Writer(workdir, enabled=is_main, resume_step=start_step,
                                 wandb_project=config.train.wandb_project, config=resolved)
     stack.callback(writer.close)
@@ -258,6 +280,26 @@ def _resolve_grad_accum(config, trainer, local_batch):
   logging.info("train.grad_accum_steps='auto': %d micro-batches per step", t.grad_accum_steps)
 
 
+def next_batch(config, train_iter, step: int) -> dict:
+  """This process's rows for optimizer step `step` (0-based): the whole batch, or during the
+  batch-size ramp the rows of steps.micro_batches(step) of its grad_accum_steps micro-batches.
+  The input position after step s is then a pure function of s, as exact resume needs."""
+  t = config.train
+  k = steps.micro_batches(t, step)
+  if k == t.grad_accum_steps:
+    return next(train_iter)
+  return train_iter.next_part(k, t.grad_accum_steps)
+
+
+def _whole_batch_like(local_batch, config, step: int) -> dict:
+  """Shapes of a whole step's batch, from step `step`'s batch (fewer rows during the ramp)."""
+  k, full = steps.micro_batches(config.train, step), config.train.grad_accum_steps
+  if k == full:
+    return local_batch
+  return {key: jax.ShapeDtypeStruct((v.shape[0] // k * full, *v.shape[1:]), v.dtype)
+          for key, v in local_batch.items()}
+
+
 def _gathered_input_state(train_iter) -> dict:
   """Every process's input shard positions, so any process layout can resume from them.
 
@@ -313,10 +355,13 @@ class _Loop:
       while step < t.steps:
         tic = time.perf_counter()
         if batch is None:
-          batch = first_batch if t.overfit_one_batch else next(self.train_iter)
+          batch = first_batch if t.overfit_one_batch else next_batch(self.config, self.train_iter,
+                                                                     step)
         self.data_wait += time.perf_counter() - tic
         profiler.before(step)
+        compiled = self.trainer.compile_seconds
         state, step_metrics = self._dispatch(state, batch)
+        self.acc.exclude(self.trainer.compile_seconds - compiled)  # a ramp step's first compile
         batch = None
         step += 1
         if pending is not None:
@@ -415,6 +460,9 @@ class _Loop:
                  'train/step_time': elapsed / max(self.acc.timed_steps, 1),
                  'train/mfu': tokens_per_sec * self.flops_per_token_over_peak,
                  'train/data_wait_fraction': self.data_wait / elapsed}
+    if t.batch_ramp_steps:  # sequences in the step just run: the ramp's progress
+      self.last['train/batch_size'] = (steps.micro_batches(t, step - 1) * t.batch_size
+                                       // t.grad_accum_steps)
     if self.acc.grad_norms and max(self.acc.grad_norms) > t.grad_norm_warn:
       logging.warning('step %d: gradient norm %.3g is above train.grad_norm_warn=%g',
                       step, max(self.acc.grad_norms), t.grad_norm_warn)

@@ -22,7 +22,17 @@ from ml_collections import config_flags  # noqa: E402
 def milestones(config) -> list[tuple[str, int]]:
   last = config.train.steps - 1
   warmup = min(config.optimizer.warmup_steps, last)
+  if config.optimizer.schedule == 'wsd':  # the decay is the part worth seeing
+    start = decay_start(config)
+    return [('first', 0), ('end of warmup', warmup), ('start of decay', min(start, last)),
+            ('middle of decay', min((start + last + 1) // 2, last)), ('last', last)]
   return [('first', 0), ('end of warmup', warmup), ('middle', (warmup + last) // 2), ('last', last)]
+
+
+def decay_start(config) -> int:
+  """schedule='wsd': the first step of the 1-sqrt decay (the last step at the peak is one before)."""
+  from mlm_jax import optim  # pylint: disable=import-outside-toplevel
+  return config.train.steps - optim.wsd_decay_steps(config)
 
 
 def schedule_values(config, points: int = 2000) -> tuple[np.ndarray, np.ndarray]:
@@ -46,6 +56,9 @@ def plot(config, out: str) -> str:
   fig, ax = plt.subplots(figsize=(6, 3.4), constrained_layout=True)
   ax.plot(steps_S, lr_S)
   ax.axvline(o.warmup_steps, color='gray', ls=':', label=f'end of warmup ({o.warmup_steps})')
+  if o.schedule == 'wsd':
+    ax.axvline(decay_start(config), color='gray', ls='--',
+               label=f'start of 1-sqrt decay ({decay_start(config)})')
   ax.set_title(f'{o.schedule} schedule, peak {o.learning_rate:g}, end ratio {o.end_lr_ratio:g}')
   ax.set_xlabel('optimizer step (0 = first update)')
   ax.set_ylabel('learning rate')
@@ -62,8 +75,10 @@ def plot(config, out: str) -> str:
 def report(config) -> str:
   steps_S, lr_S = schedule_values(config)
   lr = dict(zip(steps_S.tolist(), lr_S.tolist()))
+  decay = (f', decay {config.train.steps - decay_start(config)}'
+           if config.optimizer.schedule == 'wsd' else '')
   lines = [f'{config.optimizer.schedule} schedule over {config.train.steps} steps '
-           f'(warmup {config.optimizer.warmup_steps}):']
+           f'(warmup {config.optimizer.warmup_steps}{decay}):']
   for name, step in milestones(config):
     lines.append(f'  step {step:>7d} ({name}): lr {lr[step]:.4g}')
   return '\n'.join(lines)

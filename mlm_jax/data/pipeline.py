@@ -149,9 +149,18 @@ class BatchIterator(grain.DatasetIterator):
                       f'empty_records={self.stats.counts["empty_records"]})')
     return rows
 
+  @property
+  def batch_size(self) -> int:
+    return self._b
+
   def __next__(self):
+    return self.next_rows(self._b)
+
+  def next_rows(self, b):
+    """The next `b` rows: a batch of another size than the iterator's own (the batch-size ramp
+    takes part of a batch; the rows after it come next, so the position is just as exact)."""
     self._assert_not_closed()
-    parts, need = [], self._b
+    parts, need = [], b
     while need:
       if self._rows is None:
         self._rows = self._next_rows()
@@ -166,7 +175,7 @@ class BatchIterator(grain.DatasetIterator):
     batch = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts])
                                               for k in parts[0]}
     self.stats.add_batch(batch['segment_ids'])
-    if self.stats.counts['rows'] % (self._LOG_EVERY * self._b) < self._b:
+    if self.stats.counts['rows'] % (self._LOG_EVERY * self._b) < b:
       self.stats.log()
     return widen(batch)
 
@@ -212,6 +221,11 @@ def num_shards(config, process_count: int) -> int:
   if config.train.batch_size % n:
     raise ConfigError('data.num_shards', f'{n} does not divide train.batch_size '
                       f'{config.train.batch_size}')
+  if config.train.get('batch_ramp_steps'):  # validated: then grad_accum_steps is a count
+    micro = config.train.batch_size // config.train.grad_accum_steps
+    if micro % n:
+      raise ConfigError('data.num_shards', f'{n} does not divide the micro-batch of {micro} rows: '
+                        'with train.batch_ramp_steps every shard gives whole micro-batches')
   return n
 
 
@@ -274,7 +288,16 @@ class ShardedIterator(grain.DatasetIterator):
     self._shards, self.num_shards, self.stats = shards, num_shards, stats_
 
   def __next__(self):
-    parts = [next(it) for it in self._shards.values()]
+    return self._joined([next(it) for it in self._shards.values()])
+
+  def next_part(self, k: int, parts: int):
+    """The next batch cut to `k` of its `parts` equal parts (the batch-size ramp: k of the
+    grad_accum_steps micro-batches): every shard gives k/parts of its rows, so the batch is still
+    every shard's rows in shard order, whatever the process layout."""
+    return self._joined([it.next_rows(it.batch_size * k // parts) for it in self._shards.values()])
+
+  @staticmethod
+  def _joined(parts):
     if len(parts) == 1:
       return parts[0]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
