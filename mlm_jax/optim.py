@@ -24,7 +24,8 @@ def learning_rate_schedule(config) -> optax.Schedule:
   warm = optax.linear_schedule(0.0, peak, warmup)
   if o.schedule == 'wsd':
     decay = wsd_decay_steps(config)
-    return optax.join_schedules([warm, optax.constant_schedule(peak), _sqrt_decay(peak, end, decay)],
+    stable = optax.constant_schedule(peak)
+    return optax.join_schedules([warm, stable, _sqrt_decay(peak, end, decay)],
                                 [warmup, steps - decay])
   if o.schedule == 'linear':
     after = optax.linear_schedule(peak, end, max(steps - warmup, 1))

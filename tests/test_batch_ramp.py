@@ -21,7 +21,8 @@ from tests.test_train_step import batches, make_trainer, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAMP = dict(batch_size=32, grad_accum_steps=4, batch_ramp_steps=6, batch_ramp_start=1)
-# k(step) = 1 + floor(3 * step / 6): steps 0-1 one micro-batch of 8 rows, 2-3 two, 4-5 three, then 4.
+# k(step) = 1 + floor(3 * step / 6): steps 0-1 one micro-batch of 8 rows, 2-3 two, 4-5 three, then
+# all 4.
 RAMP_ROWS = [8, 8, 16, 16, 24, 24] + [32] * 6
 
 

@@ -39,6 +39,15 @@ def test_wsd_warms_up_holds_the_peak_then_decays_as_one_minus_sqrt():
   assert (np.diff(decay_S) < 0).all() and decay_S.min() == pytest.approx(0.2)
 
 
+def test_plot_schedule_marks_the_wsd_decay():
+  from tools import plot_schedule  # pylint: disable=import-outside-toplevel
+  report = plot_schedule.report(wsd_config())
+  assert report.splitlines()[0] == 'wsd schedule over 100 steps (warmup 10, decay 25):'
+  assert 'step      75 (start of decay): lr 2\n' in report
+  assert 'step      87 (middle of decay): lr 0.7529\n' in report  # t = 12/25: 0.2 + 1.8 * 0.3072
+  assert report.endswith('step      99 (last): lr 0.2364')
+
+
 def test_wsd_edge_fractions():
   stable = optim.learning_rate_schedule(wsd_config(wsd_decay_fraction=0.0))
   assert float(stable(99)) == float(stable(100)) == 2.0  # no decay: warmup then the peak
@@ -131,8 +140,8 @@ def test_optimizer_state_structure_is_todays_with_or_without_update_clipping():
   for clip_norm in (0.0, 1.0):
     c = clipping_config(update_clipping=False, clip_norm=clip_norm)
     o = c.optimizer
-    adamw = optax.adamw(optim.learning_rate_schedule(c), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                        mask=optim.decay_mask)
+    adamw = optax.adamw(optim.learning_rate_schedule(c), b1=o.b1, b2=o.b2, eps=o.eps,
+                        weight_decay=o.weight_decay, mask=optim.decay_mask)
     before = optax.chain(optim.clip_by_global_norm(clip_norm), adamw) if clip_norm else adamw
     want = jax.tree.structure(before.init(params))
     for on in (False, True):
@@ -143,7 +152,8 @@ def test_optimizer_state_structure_is_todays_with_or_without_update_clipping():
 def test_train_step_runs_wsd_with_update_clipping_and_no_global_clip():
   """The combination ModernBERT uses (update clipping instead of gradient clipping): the train step
   passes its grad_norm extra argument through, and logs the wsd learning rate it applies."""
-  from tests.test_train_step import batches, make_trainer, tiny_config  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from tests.test_train_step import batches, make_trainer, tiny_config
   c = tiny_config(**{'optimizer.update_clipping': True, 'optimizer.clip_norm': 0.0,
                      'optimizer.schedule': 'wsd', 'optimizer.wsd_decay_fraction': 0.5,
                      'train.steps': 4, 'optimizer.warmup_steps': 1})

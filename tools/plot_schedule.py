@@ -30,7 +30,7 @@ def milestones(config) -> list[tuple[str, int]]:
 
 
 def decay_start(config) -> int:
-  """schedule='wsd': the first step of the 1-sqrt decay (the last step at the peak is one before)."""
+  """schedule='wsd': the first step of the 1-sqrt decay (the one before is the last at the peak)."""
   from mlm_jax import optim  # pylint: disable=import-outside-toplevel
   return config.train.steps - optim.wsd_decay_steps(config)
 
