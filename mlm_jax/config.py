@@ -93,7 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
   o.update_clipping = False
 
   c.train = t = ml_collections.ConfigDict()
-  # Optimizer steps to train for (one step = batch_size sequences, whatever grad_accum_steps is).
+  # Optimizer steps to train for (one step = batch_size sequences, whatever grad_accum_steps is;
+  # fewer during a batch_ramp_steps ramp).
   t.steps = 1000
   # Global batch size in sequences, across all devices and hosts. 'auto': 128 on GPU/TPU, 16 on CPU,
   # picked once JAX has started (after jax.distributed); config.json and checkpoints record the number.
