@@ -99,15 +99,8 @@ class EncoderBlock(nnx.Module):
     n = cfg.num_heads
     qkv_BL3ND = ops.dense(self.qkv, x_BLH).reshape(b, l, 3, n, h // n)
     q_BLND, k_BLND, v_BLND = qkv_BL3ND[:, :, 0], qkv_BL3ND[:, :, 1], qkv_BL3ND[:, :, 2]
-    if cfg.attention_dropout > 0.0 and key is not None:
-      # The fused kernels have no dropout; compute the probabilities explicitly.
-      logits_BNLL = jnp.einsum('blnd,bmnd->bnlm', q_BLND, k_BLND) / jnp.sqrt(h // n).astype(x_BLH.dtype)
-      logits_BNLL = jnp.where(mask_B1LL, logits_BNLL, jnp.finfo(logits_BNLL.dtype).min)
-      probs_BNLL = jax.nn.softmax(logits_BNLL.astype(jnp.float32), axis=-1).astype(x_BLH.dtype)
-      probs_BNLL = ops.dropout(probs_BNLL, cfg.attention_dropout, key)
-      out_BLND = jnp.einsum('bnlm,bmnd->blnd', probs_BNLL, v_BLND)
-    else:
-      out_BLND = ops.attention(q_BLND, k_BLND, v_BLND, mask_B1LL, cfg.attention_impl)
+    out_BLND = ops.attention(q_BLND, k_BLND, v_BLND, mask_B1LL, cfg.attention_impl,
+                             cfg.attention_dropout, key)
     return ops.dense(self.attn_out, out_BLND.reshape(b, l, h))
 
   def __call__(self, x_BLH, mask_B1LL, key):
@@ -142,8 +135,7 @@ class MlmHead(nnx.Module):
 
   def __call__(self, x_BPH, word: nnx.Embed):
     x_BPH = self.norm(jax.nn.gelu(ops.dense(self.dense, x_BPH), approximate=False))
-    logits_BPV = word.attend(x_BPH)
-    return ops.add_vocab_bias(logits_BPV.astype(jnp.float32), self.bias[...].astype(jnp.float32))
+    return ops.add_vocab_bias(ops.tied_logits(word, x_BPH), self.bias[...].astype(jnp.float32))
 
 
 class Bert(nnx.Module):

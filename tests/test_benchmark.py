@@ -5,11 +5,14 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from mlm_jax import autotune, launch
 from mlm_jax import train
+from mlm_jax.synthetic import random_batch
 from tests.test_train_step import batches, tiny_config
+from tools import benchmark
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,6 +27,47 @@ def test_benchmark_runs_the_train_step_on_a_tiny_config():
   m = re.search(r'^RESULT tokens_per_s=([0-9.]+) step_ms=([0-9.]+) mfu=([0-9.]+)$', out, re.M)
   assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0
   assert re.search(r'compile_s=[0-9.]+', out) and re.search(r'peak_rss_mb=\d+', out)
+  # The reference's dropout (FlaxBert drops attention probabilities too), said in the output.
+  assert 'dropout=0.1 attention_dropout=0.1 mask_rate=0.15' in out
+
+
+def test_benchmark_runs_modernbert_on_packed_rows_in_bf16():
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  out = subprocess.run(
+      [sys.executable, os.path.join(_REPO, 'tools', 'benchmark.py'), '--arch', 'modernbert',
+       '--layers', '2', '--hidden', '32', '--heads', '2', '--intermediate', '48', '--vocab', '97',
+       '--seq', '64', '--batch', '2', '--steps', '4', '--packed', '3', '--dtype', 'bfloat16',
+       '--attention_impl', 'xla', '--peak_gflops', '100', '--no_launch'],
+      env=env, capture_output=True, text=True, timeout=180, check=True).stdout
+  assert 'arch=modernbert dtype=bfloat16 attention_impl=xla' in out
+  # configs/modernbert_base.py's dropout (none) and mask rate.
+  assert 'dropout=0.0 attention_dropout=0.0 mask_rate=0.3 packed_records_per_row=3' in out
+  assert re.search(r'^RESULT tokens_per_s=[0-9.]+ step_ms=[0-9.]+ mfu=[0-9.]+$', out, re.M)
+
+
+def test_dropout_defaults_and_overrides():
+  args = benchmark.parse_args([])
+  assert (args.dropout, args.attention_dropout) == (0.1, 0.1)  # the reference's, for --compare
+  args = benchmark.parse_args(['--attention_dropout', '0'])
+  assert (args.dropout, args.attention_dropout) == (0.1, 0.0)
+  args = benchmark.parse_args(['--arch', 'modernbert'])
+  assert (args.dropout, args.attention_dropout) == (0.0, 0.0)
+  config = benchmark.make_config(benchmark.parse_args(['--attention_impl', 'xla']))
+  assert (config.model.attention_dropout, config.model.attention_impl) == (0.1, 'xla')
+
+
+def test_pack_makes_rows_of_k_records_with_positions_restarting():
+  batch = random_batch(0, 5, 40, 8, 97)
+  packed = benchmark.pack(batch, 4, seed=1)
+  for seg, pos in zip(packed['segment_ids'], packed['positions']):
+    assert list(np.unique(seg)) == [1, 2, 3, 4] and np.all(np.diff(seg) >= 0)
+    for k in range(1, 5):
+      length = int(np.sum(seg == k))
+      assert length >= 2
+      assert list(pos[seg == k]) == list(range(length))
+  for key in ('input_ids', 'mlm_positions', 'mlm_targets', 'mlm_weights'):
+    np.testing.assert_array_equal(packed[key], batch[key])
+  assert not np.array_equal(packed['segment_ids'][0], packed['segment_ids'][1])  # random cuts
 
 
 def test_profile_step_lists_the_step_s_ops(tmp_path):

@@ -9,9 +9,14 @@ took longest (ms per step) with their output shape and the JAX operation they ca
 metadata), and the total per kind of op: on CPU, `ynn_fusion` = matmuls (with whatever elementwise
 work XLA fused into them), `*_fusion` = elementwise/reductions, `wrapped_scatter` = gathers'
 gradients. The trace stays in --trace_dir for TensorBoard/Perfetto (docs/performance.md).
+
+`--matmuls` instead lists every matmul of the compiled step (no tracing): forward or backward, the
+JAX operation, operand and result dtypes and shapes, how many. In bfloat16 compute every operand
+should be bf16 (XLA:CPU computes a dot in fp32 when its operands or result are fp32).
 """
 import argparse
 import collections
+import dataclasses
 import glob
 import gzip
 import json
@@ -39,6 +44,77 @@ def hlo_index(hlo_text: str) -> dict[str, tuple[str, str]]:
       op = re.search(r'op_name="([^"]*)"', line)
       index[m.group(1)] = (m.group(2), op.group(1) if op else '')
   return index
+
+
+_COMPUTATION = re.compile(r'^(?:ENTRY )?%(\S+) .*\{$')
+_VALUE = re.compile(r'^\s*(?:ROOT )?%(\S+) = (\w+)(\[[^\]]*\])')
+_MATMUL = re.compile(r'^\s*(?:ROOT )?%(\S+) = (\w+\[[^\]]*\])\S* (dot|custom-call)\(([^)]*)\)(.*)$')
+
+
+@dataclasses.dataclass(frozen=True)
+class Matmul:
+  """One matmul of an optimized HLO module: a `dot`, or a oneDNN matmul custom-call."""
+  direction: str  # 'fwd', or 'bwd' (from the transpose of a JAX op: autodiff or a custom_vjp)
+  source: str  # the JAX operation (HLO metadata op_name, jit and autodiff wrappers removed)
+  operands: tuple[str, ...]  # dtype[shape] of each operand
+  result: str  # dtype[shape]
+
+  @property
+  def operand_dtypes(self) -> tuple[str, ...]:
+    return tuple(o.split('[')[0] for o in self.operands)
+
+
+def _source(op_name: str) -> tuple[str, str]:
+  """(direction, operation) of an HLO op_name such as
+  'jit(train_step)/transpose(jvp(vmap(BTNH,BSNH->BNTS)))/dot_general'."""
+  parts = op_name.split('/')
+  direction = 'bwd' if any(p.startswith('transpose(') for p in parts) else 'fwd'
+  core = [re.sub(r'^(?:transpose|jvp|jit|vmap|checkpoint|remat|while|body|cond)\((.*)\)$', r'\1', p)
+          for p in parts[1:]]
+  for _ in range(4):  # nested wrappers: transpose(jvp(vmap(...)))
+    core = [re.sub(r'^(?:transpose|jvp|vmap)\((.*)\)$', r'\1', p) for p in core]
+  return direction, '/'.join(p for p in core if p) or '(inserted by XLA)'
+
+
+def matmuls(hlo_text: str) -> list[Matmul]:
+  """Every matmul of an optimized HLO module, with its operands' dtypes and shapes (read from the
+  instruction or parameter that defines each operand, in the same computation)."""
+  found, values, pending = [], {}, []
+
+  def flush():
+    for name, result, args, rest in pending:
+      operands = tuple(values.get(a, '?') for a in re.findall(r'%([\w.\-]+)', args))
+      op = re.search(r'op_name="([^"]*)"', rest)
+      direction, source = _source(op.group(1)) if op else ('?', '(no metadata)')
+      found.append(Matmul(direction, source, operands, result))
+    pending.clear()
+
+  for line in hlo_text.splitlines():
+    if _COMPUTATION.match(line):
+      flush()
+      values = {}
+      continue
+    v = _VALUE.match(line)
+    if v:
+      values[v.group(1)] = v.group(2) + v.group(3)
+    m = _MATMUL.match(line)
+    if m and (m.group(3) == 'dot' or 'matmul' in m.group(5).lower()):
+      pending.append((m.group(1), m.group(2), m.group(4), m.group(5)))
+  flush()
+  return found
+
+
+def matmul_report(found: list[Matmul]) -> str:
+  rows = collections.Counter(found)
+  lines = [f'{"n":>3} {"dir":3} {"operands":48} {"result":22} from']
+  for mm, n in sorted(rows.items(), key=lambda kv: (kv[0].direction != 'fwd', kv[0].source,
+                                                    kv[0].operands)):
+    lines.append(f'{n:3d} {mm.direction:3} {" x ".join(mm.operands):48} {mm.result:22} '
+                 f'{mm.source[-70:]}')
+  by_dtypes = collections.Counter((m.direction, ','.join(m.operand_dtypes)) for m in found)
+  lines.append('matmuls by direction and operand dtypes: ' + ', '.join(
+      f'{d} {t}: {n}' for (d, t), n in sorted(by_dtypes.items())))
+  return '\n'.join(lines)
 
 
 def op_times(trace_dir: str, steps: int) -> collections.Counter:
@@ -83,6 +159,8 @@ def main(argv=None):
   parser.add_argument('--steps', type=int, default=3, help='steps to trace (after warm-up)')
   parser.add_argument('--top', type=int, default=30, help='ops to list')
   parser.add_argument('--trace_dir', default='', help='where the trace goes (default: a temp dir)')
+  parser.add_argument('--matmuls', action='store_true',
+                      help="list the compiled step's matmuls and their dtypes instead of tracing")
   own, rest = parser.parse_known_args(argv)
   steps, top = own.steps, own.top
   trace_dir = own.trace_dir or tempfile.mkdtemp(prefix='mlm_jax_profile_')
@@ -92,16 +170,16 @@ def main(argv=None):
     launch.relaunch_if_needed()
 
   import jax  # pylint: disable=import-outside-toplevel
-  from mlm_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from mlm_jax import train  # pylint: disable=import-outside-toplevel
-  from mlm_jax.synthetic import random_batch  # pylint: disable=import-outside-toplevel
 
   config = benchmark.make_config(args)
   trainer = train.Trainer(config)
-  state = trainer.init_state()
-  p = config_lib.max_predictions(config)
-  batches = [random_batch(i, args.batch, args.seq, p, args.vocab) for i in range(steps)]
+  batches = benchmark.make_batches(args, config, steps)
   trainer.compile_steps(batches[0])
+  if own.matmuls:
+    print(matmul_report(matmuls(trainer.compiled_train_step.as_text())))
+    return
+  state = trainer.init_state()
   for b in batches[:benchmark.COMPILE_STEPS]:  # compile and warm up outside the trace
     state, _ = trainer.train_step(state, b)
   jax.block_until_ready(state)
