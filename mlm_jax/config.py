@@ -40,9 +40,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Extra categorical inputs added to the token embedding: name -> vocabulary size,
   # e.g. {'tld': 600} or {'event_type': 16}. The data pipeline emits a [B, L] id array per name.
   m.extra_embeddings = ml_collections.ConfigDict()
-  # Dropout on embeddings, attention output and feed-forward output (0 disables).
+  # Dropout on embeddings, attention output and feed-forward output (0 disables). modernbert, as
+  # transformers': on the embeddings and the GeGLU activation (embedding_dropout, mlp_dropout).
   m.dropout = 0.1
   # Dropout on attention probabilities (0 disables; keeps the fused attention kernels usable).
+  # modernbert, as transformers': on the attention output too.
   m.attention_dropout = 0.0
   # 'post' = original BERT (LayerNorm after each residual add); 'pre' = pre-LN (more stable, deep models).
   m.layer_norm = 'post'
@@ -65,6 +67,19 @@ def base_config() -> ml_collections.ConfigDict:
   # jax.nn.dot_product_attention implementation: 'auto' (cuDNN's fused kernel on GPU for bfloat16
   # compute where cuDNN accepts the shapes, else XLA), 'xla' or 'cudnn' (fails if unsupported).
   m.attention_impl = 'auto'
+  # Architecture: 'bert' (learned positions, post- or pre-LN) or 'modernbert' (transformers'
+  # ModernBERT: rotary, bias-free pre-LN, GeGLU, alternating global/local attention; needs
+  # layer_norm='pre'; type_vocab_size unused; no extra_embeddings).
+  m.arch = 'bert'
+  # modernbert: window of the local layers; a token attends to those at most local_attention // 2
+  # positions away (128: ±64). Even, > 0.
+  m.local_attention = 128
+  # modernbert: layer i attends globally when i % global_attn_every_n_layers == 0, else locally.
+  m.global_attn_every_n_layers = 3
+  # modernbert: rotary base (theta) of the global layers.
+  m.global_rope_theta = 160000.0
+  # modernbert: rotary base (theta) of the local layers.
+  m.local_rope_theta = 10000.0
 
   c.optimizer = o = ml_collections.ConfigDict()
   # Peak learning rate (reached at the end of warmup).
@@ -191,6 +206,7 @@ _CHOICES = {
     'model.param_dtype': ('float32', 'bfloat16'),
     'model.remat_policy': ('none', 'full', 'save_dots'),
     'model.attention_impl': ('auto', 'xla', 'cudnn'),
+    'model.arch': ('bert', 'modernbert'),
     'optimizer.schedule': ('cosine', 'linear', 'constant', 'wsd'),
     'train.nonfinite': ('halt', 'skip'),
     'checkpoint.best_mode': ('min', 'max'),
@@ -261,6 +277,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError('model.dropout', f'must be in [0, 1), got {m.dropout}')
   if not 0 <= m.attention_dropout < 1:
     raise ConfigError('model.attention_dropout', f'must be in [0, 1), got {m.attention_dropout}')
+  if m.arch == 'modernbert':
+    _check_modernbert(m)
   if not is_auto_accum(t.grad_accum_steps) and t.batch_size != AUTO and (
       t.batch_size % t.grad_accum_steps):
     raise ConfigError('train.grad_accum_steps',
@@ -284,6 +302,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
     values['train']['batch_size'] = min(AUTO_BATCH_SIZE.values())
     config = ml_collections.ConfigDict(values)
   data_config.validate(config)
+
+
+def _check_modernbert(m):
+  if m.layer_norm != 'pre':
+    raise ConfigError('model.layer_norm', f"{m.layer_norm!r}: modernbert is pre-LN; set 'pre'")
+  if m.extra_embeddings:
+    raise ConfigError('model.extra_embeddings', 'modernbert has no extra embeddings')
+  if m.local_attention <= 0 or m.local_attention % 2:
+    raise ConfigError('model.local_attention', f'must be even and > 0, got {m.local_attention}')
+  if m.global_attn_every_n_layers < 1:
+    raise ConfigError('model.global_attn_every_n_layers',
+                      f'must be >= 1, got {m.global_attn_every_n_layers}')
+  for name in ('global_rope_theta', 'local_rope_theta'):
+    if m[name] <= 0:
+      raise ConfigError(f'model.{name}', f'must be > 0, got {m[name]}')
 
 
 AUTO = 'auto'

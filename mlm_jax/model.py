@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mlm_jax import modernbert
 from mlm_jax import ops
 
 
@@ -39,6 +40,11 @@ class BertConfig:
   remat_policy: str = 'none'
   scan_layers: bool = False
   attention_impl: str = 'auto'
+  arch: str = 'bert'  # 'bert' (this file) or 'modernbert' (modernbert.py)
+  local_attention: int = 128
+  global_attn_every_n_layers: int = 3
+  global_rope_theta: float = 160000.0
+  local_rope_theta: float = 10000.0
 
   @classmethod
   def from_config(cls, model_config, dtype: str) -> 'BertConfig':
@@ -192,6 +198,13 @@ class Bert(nnx.Module):
     return self.head(x_BPH, self.embeddings.word)
 
 
+def build(cfg: BertConfig, rngs: nnx.Rngs) -> nnx.Module:
+  """The model of `cfg.arch`: Bert or modernbert.ModernBert (the same interface)."""
+  if cfg.arch == 'modernbert':
+    return modernbert.ModernBert(cfg, rngs=rngs)
+  return Bert(cfg, rngs=rngs)
+
+
 def count_params(params) -> dict[str, int]:
   """Parameter counts: total, and the encoder blocks alone (the MFU formula's N_nonembedding)."""
   total = sum(x.size for x in jax.tree.leaves(params))
@@ -205,5 +218,9 @@ def model_flops_per_token(cfg: BertConfig, encoder_params: int, masked_fraction:
   the encoder matmuls, attention scores over max_len, and the head on the masked slots only."""
   h = cfg.hidden_size
   attention = 12 * cfg.num_layers * h * cfg.max_len
+  if cfg.arch == 'modernbert':  # local layers score only the keys in their window
+    n_global = len(range(0, cfg.num_layers, cfg.global_attn_every_n_layers))
+    window = min(cfg.max_len, cfg.local_attention + 1)
+    attention = 12 * h * (n_global * cfg.max_len + (cfg.num_layers - n_global) * window)
   head = 6 * (h * h + h * cfg.vocab_size) * masked_fraction
   return float(6 * encoder_params + attention + head)

@@ -192,9 +192,10 @@ def model_config(config: dict, dtype: str = 'float32') -> model_lib.BertConfig:
   return model_lib.BertConfig.from_config(ml_collections.ConfigDict(config['model']), dtype)
 
 
-def make_model(cfg: model_lib.BertConfig, params: dict) -> model_lib.Bert:
-  """A Bert holding `params` (a nested dict of arrays, as `read_params` returns)."""
-  abstract = nnx.eval_shape(lambda: model_lib.Bert(cfg, rngs=nnx.Rngs(0)))
+def make_model(cfg: model_lib.BertConfig, params: dict):
+  """The model of cfg.arch (Bert or ModernBert) holding `params` (a nested dict of arrays, as
+  `read_params` returns)."""
+  abstract = nnx.eval_shape(lambda: model_lib.build(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
   return nnx.merge(graphdef, state)

@@ -43,7 +43,7 @@ def build_model(config, backend: str | None = None):
   """(graphdef, abstract params, BertConfig) without allocating the parameters."""
   dtype = config_lib.resolve_dtype(config.model.dtype, backend or jax.default_backend())
   cfg = model_lib.BertConfig.from_config(config.model, dtype)
-  abstract = nnx.eval_shape(lambda: model_lib.Bert(cfg, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: model_lib.build(cfg, rngs=nnx.Rngs(0)))
   graphdef, abstract_params = nnx.split(abstract)
   return graphdef, abstract_params, cfg
 
@@ -64,7 +64,7 @@ class Trainer:
     self.schedule = optim.learning_rate_schedule(config)
 
     def init(key):
-      model = model_lib.Bert(self.model_cfg, rngs=nnx.Rngs(params=key))
+      model = model_lib.build(self.model_cfg, rngs=nnx.Rngs(params=key))
       return steps.init_state(nnx.state(model), self.optimizer, config.seed)
 
     abstract_state = jax.eval_shape(init, jax.random.key(config.seed))
