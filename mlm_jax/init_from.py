@@ -1,13 +1,17 @@
-"""train.init_from: a new run's parameters from one of our checkpoints or a Hugging Face BERT.
+"""train.init_from: a new run's parameters from one of our checkpoints or a Hugging Face BERT or
+ModernBERT.
 
 Continued pretraining (BERT's phase 2 at a longer max_len, domain-adaptive pretraining from a
 published BERT): the parameters come from the source, the optimizer state and the step start fresh.
 The source is a run directory (its newest checkpoint), a checkpoint step directory, or an HF BERT
-directory (config.json, model.safetensors or pytorch_model.bin, vocab.txt or tokenizer.json).
+directory (config.json, model.safetensors or pytorch_model.bin, vocab.txt or tokenizer.json; a
+ModernBertForMaskedLM starts a model.arch='modernbert' run: mlm_jax/hf_modernbert.py).
 
 What carries over and what does not:
-- vocabulary, hidden size, layers, heads, feed-forward width, LayerNorm placement: must match; the
-  ConfigError names our field. The vocabulary is compared piece by piece, not only its size.
+- architecture, vocabulary, hidden size, layers, heads, feed-forward width, LayerNorm placement:
+  must match; the ConfigError names our field. The vocabulary is compared piece by piece, not only
+  its size. ModernBERT's window, global-layer pattern and rotary bases may change (logged: outputs
+  differ); it has no position, token-type or extra tables, so the rest of this list is BERT's.
 - model.max_len larger than the source's table: the trained table linearly interpolated to the new
   length (first and last rows kept; every new position lies between two trained ones, in order), so
   the model starts with a sense of order at every position. Repeating the table (Longformer's copy
@@ -31,6 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mlm_jax import checkpoint as ckpt
 from mlm_jax import hf_bert
+from mlm_jax import hf_modernbert
 from mlm_jax import paths
 from mlm_jax import rundir
 from mlm_jax.data import tokenizers
@@ -38,7 +43,11 @@ from mlm_jax.errors import ConfigError
 
 FIELD = 'train.init_from'
 # Must be equal in the source and the new run: the parameters' shapes or meaning depend on them.
-_SAME = ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'intermediate_size', 'layer_norm')
+_SAME = ('arch', 'vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'intermediate_size',
+         'layer_norm')
+# ModernBERT fields that change what the parameters compute but not their shapes: noted.
+_MODERNBERT_NOTED = ('local_attention', 'global_attn_every_n_layers', 'global_rope_theta',
+                     'local_rope_theta')
 # The tokenizer attribute holding an extra embedding's vocabulary (its ids' meaning).
 _EXTRA_VOCABS = {'tld': 'tlds', 'event_type': 'event_types'}
 
@@ -84,10 +93,14 @@ def _read_ours(path: str) -> Source:
   params, _ = rundir.read_params(run, step)  # checked against the checkpoint's digest
   model = dict(config['model'])
   model['extra_embeddings'] = dict(model.get('extra_embeddings') or {})
+  model.setdefault('arch', 'bert')  # written before model.arch existed
   return Source(f'{path} (step {step})', model, params, rundir.load_tokenizer(run, step))
 
 
 def _read_hf(path: str) -> Source:
+  if hf_bert.read_json(epath.Path(path) / 'config.json').get('model_type') == (
+      hf_modernbert.MODEL_TYPE):
+    return _read_hf_modernbert(path)
   try:
     hf, notes = hf_bert.read_hf_config(path)
     params, unused = hf_bert.our_params(hf_bert.read_hf_weights(path), hf)
@@ -97,14 +110,31 @@ def _read_hf(path: str) -> Source:
     notes.append(f'ignored {len(unused)} tensors without a slot in our model: {unused[:5]}')
   model = {ours: int(hf[theirs]) for theirs, ours in hf_bert.SHAPE_FIELDS.items()}
   model.update(max_len=params['embeddings']['position']['embedding'].shape[0], extra_embeddings={},
-               layer_norm='post', layer_norm_eps=float(hf.get('layer_norm_eps', 1e-12)))
+               layer_norm='post', layer_norm_eps=float(hf.get('layer_norm_eps', 1e-12)),
+               arch='bert')
+  return Source(f'{path} (Hugging Face BERT)', model, params, None, _hf_vocab(path, notes), notes)
+
+
+def _read_hf_modernbert(path: str) -> Source:
   try:
-    vocab = hf_bert.read_vocab(path)
+    hf = hf_bert.read_json(epath.Path(path) / 'config.json')
+    model, notes = hf_modernbert.model_fields(hf)
+    params, unused = hf_modernbert.our_params(hf_bert.read_hf_weights(path), hf)
+  except hf_bert.HfImportError as e:
+    raise ConfigError(FIELD, f'{path}: {e}') from None
+  if unused:
+    notes.append(f'ignored {len(unused)} tensors without a slot in our model: {unused[:5]}')
+  return Source(f'{path} (Hugging Face ModernBERT)', model, params, None, _hf_vocab(path, notes),
+                notes)
+
+
+def _hf_vocab(path: str, notes: list[str]):
+  try:
+    return hf_bert.read_vocab(path)
   except hf_bert.HfImportError:
-    vocab = None
     notes.append(f'{path} has no vocab.txt or WordPiece tokenizer.json: the vocabulary cannot be '
                  'checked against the run\'s; make sure data.vocab_path is the model\'s')
-  return Source(f'{path} (Hugging Face BERT)', model, params, None, vocab, notes)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,6 +148,23 @@ def check(source: Source, model_config, tokenizer) -> None:
     if theirs[name] != model_config[name]:
       raise ConfigError(f'model.{name}', f'{model_config[name]!r} here, but train.init_from '
                         f'{source.name} has {theirs[name]!r}; the parameters cannot carry over')
+  if model_config.arch == 'modernbert':
+    for name in _MODERNBERT_NOTED:
+      if theirs.get(name, model_config[name]) != model_config[name]:
+        source.notes.append(f'model.{name} is {model_config[name]} here, {theirs[name]} in the '
+                            'source: outputs differ')
+  else:
+    _check_bert_tables(source, model_config, tokenizer)
+  if theirs.get('layer_norm_eps', model_config.layer_norm_eps) != model_config.layer_norm_eps:
+    source.notes.append(f'model.layer_norm_eps is {model_config.layer_norm_eps} here, '
+                        f'{theirs["layer_norm_eps"]} in the source: outputs differ slightly')
+  if tokenizer is not None:
+    _check_vocabulary(source, tokenizer)
+
+
+def _check_bert_tables(source: Source, model_config, tokenizer) -> None:
+  """The token-type and extra embedding tables (BERT only)."""
+  theirs = source.model
   if model_config.type_vocab_size < theirs['type_vocab_size']:
     raise ConfigError('model.type_vocab_size', f'{model_config.type_vocab_size} here, but '
                       f'train.init_from {source.name} has {theirs["type_vocab_size"]}: trained rows '
@@ -128,11 +175,6 @@ def check(source: Source, model_config, tokenizer) -> None:
       raise ConfigError(f'model.extra_embeddings.{name}', f'{extra[name]} here, but train.init_from '
                         f'{source.name} has {theirs["extra_embeddings"][name]}')
     _check_extra_vocab(source, tokenizer, name)
-  if theirs.get('layer_norm_eps', model_config.layer_norm_eps) != model_config.layer_norm_eps:
-    source.notes.append(f'model.layer_norm_eps is {model_config.layer_norm_eps} here, '
-                        f'{theirs["layer_norm_eps"]} in the source: outputs differ slightly')
-  if tokenizer is not None:
-    _check_vocabulary(source, tokenizer)
 
 
 def _token_table(tok) -> tuple[str, list[str]]:
@@ -202,6 +244,8 @@ def convert(source: Source, model_config) -> tuple[dict, list[str]]:
   """(the source's params reshaped for `model_config`, log lines). Leaves the new run initialises
   itself are absent; a token-type table with fewer rows fills the first rows only."""
   params = jax.tree.map(lambda x: x, source.params)  # a copy of the containers, not the arrays
+  if model_config.arch == 'modernbert':  # no position, token-type or extra tables
+    return params, []
   emb, lines = params['embeddings'], []
   old_len = emb['position']['embedding'].shape[0]
   if old_len != model_config.max_len:

@@ -1,5 +1,6 @@
-"""Exports a checkpoint for use outside mlm_jax: a Hugging Face BertForMaskedLM directory
-(safetensors, the default) or a StableHLO serving artifact (a serialized jax.export).
+"""Exports a checkpoint for use outside mlm_jax: a Hugging Face BertForMaskedLM (or, for
+model.arch='modernbert', ModernBertForMaskedLM) directory (safetensors, the default) or a StableHLO
+serving artifact (a serialized jax.export).
 
   python tools/export_hf.py RUN_DIR OUT_DIR [--step N] [--format safetensors|stablehlo]
   python tools/export_hf.py --checkpoint RUN_DIR/checkpoints/STEP OUT_DIR
@@ -17,7 +18,8 @@ and what it needs: builds input_ids and token_type_ids for a domain name, a sess
 
 --format=safetensors: config.json + model.safetensors (float32), so that
 `AutoModelForMaskedLM.from_pretrained(OUT)` and `AutoTokenizer.from_pretrained(OUT)` load it. Only
-post-LN BERT has a slot for every weight: pre-LN runs are refused (export them as stablehlo). Extra
+post-LN BERT has a slot for every weight: pre-LN runs are refused (export them as stablehlo);
+ModernBERT runs export as ModernBertForMaskedLM (mlm_jax/hf_modernbert.py), all of them. Extra
 categorical embeddings (model.extra_embeddings: DomainBERT's TLD, the session model's event type)
 are folded into token_type_embeddings: embeddings are summed before the first LayerNorm, so HF token
 type (a, f1, f2, ...) = type[a] + extra1[f1] + ..., numbered in mixed radix (token type most
@@ -48,6 +50,7 @@ import numpy as np  # noqa: E402
 from etils import epath  # noqa: E402
 
 from mlm_jax import hf_inputs  # noqa: E402
+from mlm_jax import hf_modernbert  # noqa: E402
 
 FORMATS = ('safetensors', 'stablehlo')
 PLATFORMS = ('cpu', 'cuda', 'tpu')  # what --format=stablehlo lowers for by default
@@ -70,6 +73,10 @@ def _layer_norm(p):
 def _linear(p):
   """nnx.Linear kernel [in, out] -> torch.nn.Linear weight [out, in]."""
   return {'weight': p['kernel'].T, 'bias': p['bias']}
+
+
+def is_modernbert(config: dict) -> bool:
+  return config['model'].get('arch', 'bert') == 'modernbert'
 
 
 def token_type_fold(config: dict, tokenizer=None, drop_extra_embeddings: bool = False) -> dict:
@@ -115,6 +122,8 @@ def check_exportable(config: dict, drop_extra_embeddings: bool = False,
                      fold: dict | None = None) -> list[str]:
   """Raises ExportError for what BertForMaskedLM cannot express; returns warnings."""
   m = config['model']
+  if is_modernbert(config):  # every ModernBERT run is a ModernBertForMaskedLM
+    return []
   if m['layer_norm'] != 'post':
     raise ExportError(
         f"model.layer_norm={m['layer_norm']!r}: BertForMaskedLM is post-LN (LayerNorm after each "
@@ -237,9 +246,10 @@ def hf_tokenizer(tokenizer):
   return hf, names
 
 
-def write_tokenizer(tokenizer, out_dir: str, max_len: int) -> bool:
+def write_tokenizer(tokenizer, out_dir: str, max_len: int, token_types: bool = True) -> bool:
   """Tokenizer files transformers loads: tokenizer.json (our ids, as `hf_tokenizer`), its
   tokenizer_config.json and special_tokens_map.json; vocab.txt too for WordPiece (a BertTokenizer).
+  `token_types=False`: the model takes no token_type_ids (ModernBERT), so the tokenizer gives none.
   Returns whether it wrote any."""
   out = epath.Path(out_dir)
   if tokenizer.kind not in ('wordpiece', 'char', 'domain', 'session'):
@@ -255,6 +265,8 @@ def write_tokenizer(tokenizer, out_dir: str, max_len: int) -> bool:
   else:
     tokenizer_config = {'tokenizer_class': 'PreTrainedTokenizerFast', **special}
   tokenizer_config.update(model_max_length=max_len, clean_up_tokenization_spaces=False)
+  if not token_types:
+    tokenizer_config['model_input_names'] = ['input_ids', 'attention_mask']
   _write_json(out / 'tokenizer_config.json', tokenizer_config)
   _write_json(out / 'special_tokens_map.json', special)
   return True
@@ -397,15 +409,22 @@ def export(workdir: str, out_dir: str, step: int | None = None,
   out.mkdir(parents=True, exist_ok=True)
   if fmt == 'safetensors':
     from safetensors.numpy import save  # pylint: disable=import-outside-toplevel
-    tensors = hf_state_dict(params, config, fold)
+    if is_modernbert(config):
+      tensors = hf_modernbert.hf_state_dict(params, config['model'])
+      hf = hf_modernbert.hf_config(config['model'], {'pad': tokenizer.pad_id,
+                                                     'cls': tokenizer.cls_id,
+                                                     'sep': tokenizer.sep_id})
+    else:
+      tensors, hf = hf_state_dict(params, config, fold), hf_config(config, tokenizer.pad_id, fold)
     (out / 'model.safetensors').write_bytes(save(tensors, metadata={'format': 'pt'}))
-    _write_json(out / 'config.json', hf_config(config, tokenizer.pad_id, fold))
+    _write_json(out / 'config.json', hf)
     exported_params = sum(v.size for v in tensors.values())
   else:
     export_stablehlo(params, config, fold, out, tuple(platforms))
     _copy_file(os.path.join(_HERE, RUNNER), out / RUNNER)
     exported_params = sum(np.size(v) for v in _flatten(params).values())
-  wrote_tokenizer = write_tokenizer(tokenizer, out_dir, config['model']['max_len'])
+  wrote_tokenizer = write_tokenizer(tokenizer, out_dir, config['model']['max_len'],
+                                    token_types=not is_modernbert(config))
   if not wrote_tokenizer:
     warnings.append(f'the {tokenizer.kind} tokenizer has no Hugging Face equivalent: no tokenizer '
                     'files written.')
@@ -432,7 +451,8 @@ def main(argv=None) -> int:
                       'directory')
   parser.add_argument('--step', type=int, default=None, help='checkpoint step (default: best, else newest)')
   parser.add_argument('--format', default='safetensors', choices=FORMATS,
-                      help='safetensors: a transformers BertForMaskedLM directory; stablehlo: a '
+                      help='safetensors: a transformers BertForMaskedLM (ModernBertForMaskedLM) '
+                      'directory; stablehlo: a '
                       'serialized jax.export of the fill-mask forward pass + params.npz')
   parser.add_argument('--platforms', default=','.join(PLATFORMS),
                       help='--format=stablehlo: comma-separated platforms to lower for (cpu, cuda, '

@@ -1,11 +1,14 @@
-"""Turns a Hugging Face BERT directory into an mlm_jax run directory to continue pretraining.
+"""Turns a Hugging Face BERT or ModernBERT directory into an mlm_jax run directory to continue
+pretraining.
 
   python tools/import_hf.py HF_DIR WORKDIR [--config=configs/X.py] [--config.train.steps=N ...]
       [--max_len=N] [--dropout=P] [--attention_dropout=P]
   python -m mlm_jax.main --config=WORKDIR/import_config.py --workdir=WORKDIR
 
 HF_DIR holds config.json, model.safetensors (or pytorch_model.bin, which needs torch) and vocab.txt
-(or a WordPiece tokenizer.json). The model section comes from HF_DIR; everything else (data,
+(or a WordPiece tokenizer.json); a BertForMaskedLM or a ModernBertForMaskedLM (model_type
+'modernbert': model.arch='modernbert', mlm_jax/hf_modernbert.py). The model section comes from
+HF_DIR; everything else (data,
 optimizer, train, checkpoint) from --config (default: the base config, i.e. the shipped corpus).
 WORKDIR gets config.json, tokenizer/, vocab.txt, checkpoints/0 (the weights and a fresh optimizer
 state; no input position, so training reads its input from the start) and import_config.py, the
@@ -23,6 +26,7 @@ from etils import epath
 from ml_collections import config_flags
 
 from mlm_jax import hf_bert
+from mlm_jax import hf_modernbert
 from mlm_jax import paths
 
 # The reading and mapping live in the package (train.init_from uses them too); the names stay here.
@@ -38,6 +42,14 @@ def build_config(base, hf: dict, vocab_path: str, lowercase: bool, max_len: int,
   import ml_collections  # pylint: disable=import-outside-toplevel
   config = ml_collections.ConfigDict(base.to_dict())
   m = config.model
+  if hf.get('model_type') == hf_modernbert.MODEL_TYPE:
+    fields, _ = hf_modernbert.model_fields(hf)
+    fields.update(max_len=max_len, extra_embeddings=ml_collections.ConfigDict())
+    fields.update({k: v for k, v in (('dropout', dropout), ('attention_dropout', attention_dropout))
+                   if v is not None})
+    m.update(fields)
+    config.data.update(tokenizer='wordpiece', vocab_path=vocab_path, lowercase=bool(lowercase))
+    return config
   for theirs, ours in hf_bert.SHAPE_FIELDS.items():
     m[ours] = int(hf[theirs])
   m.max_len = max_len
@@ -64,7 +76,12 @@ def import_hf(hf_dir: str, workdir: str, base_config, max_len: int | None = None
   from mlm_jax import config as config_lib, data, optim, steps, train  # pylint: disable=import-outside-toplevel
   from mlm_jax import model as model_lib  # pylint: disable=import-outside-toplevel
 
-  hf, warnings = read_hf_config(hf_dir)
+  hf = hf_bert.read_json(epath.Path(hf_dir) / 'config.json')
+  modern = hf.get('model_type') == hf_modernbert.MODEL_TYPE
+  if modern:
+    _, warnings = hf_modernbert.model_fields(hf)
+  else:
+    hf, warnings = read_hf_config(hf_dir)
   pieces, lowercase = read_vocab(hf_dir)
   vocab_size = int(hf['vocab_size'])
   if len(pieces) > vocab_size:
@@ -74,7 +91,8 @@ def import_hf(hf_dir: str, workdir: str, base_config, max_len: int | None = None
     pieces = pieces + [f'[unused_row_{i}]' for i in range(len(pieces), vocab_size)]
   max_len = int(hf['max_position_embeddings']) if max_len is None else max_len
   weights = read_hf_weights(hf_dir)
-  params, unused = our_params(weights, hf, max_len)
+  params, unused = (hf_modernbert.our_params(weights, hf) if modern
+                    else our_params(weights, hf, max_len))
   if unused:
     warnings.append(f'ignored {len(unused)} tensors without a slot in our model: {unused[:5]}')
 
