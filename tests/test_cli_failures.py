@@ -125,7 +125,8 @@ def test_auto_accumulation_picks_the_count_that_fits_the_budget(tmp_path):
 
 
 @pytest.mark.parametrize('name', ['quickstart', 'mini_bert', 'domainbert:tiny', 'event_bert',
-                                  'bert_base', 'bert_large', 'domainbert'])
+                                  'bert_base', 'bert_large', 'domainbert', 'modernbert_base',
+                                  'modernbert_base:tiny', 'modernbert_base:mini'])
 def test_every_shipped_config_accepts_a_ten_step_trial(name, caplog):
   """The first thing a user tries: `--config.train.steps=10`. A warmup longer than that warns
   (the rate never reaches its peak) instead of refusing."""

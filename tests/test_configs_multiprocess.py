@@ -24,6 +24,7 @@ VARIANTS = {
     'bert_base': ['', 'seq512'],
     'bert_large': ['', 'seq512'],
     'domainbert': ['', 'tiny', 'small'],
+    'modernbert_base': ['', 'tiny', 'mini'],
 }
 STEPS = 3
 # A shape small enough for two processes on two cores; everything else as the config has it.
@@ -34,7 +35,8 @@ SMALL = ['--config.model.num_layers=1', '--config.model.hidden_size=32', '--conf
          '--config.train.progress_bar=false', '--config.train.compilation_cache_dir=',
          '--config.optimizer.warmup_steps=1', f'--config.checkpoint.every={STEPS}',
          '--config.data.chunk_records=256']
-# bert_base/bert_large take the user's vocabulary: the shipped one, as a user would point at theirs.
+# bert_base/bert_large/modernbert_base take the user's vocabulary: the shipped one, as a user would
+# point at theirs.
 SHIPPED_VOCAB = ['--config.data.vocab_path={assets}/shakespeare/vocab.txt',
                  '--config.model.vocab_size=2048']
 
@@ -98,10 +100,11 @@ def run_two_processes(config, workdir, *extra):
     pytest.param('event_bert', marks=pytest.mark.slow),
     pytest.param('bert_base', marks=pytest.mark.slow),
     pytest.param('bert_large', marks=pytest.mark.slow),
+    pytest.param('modernbert_base', marks=pytest.mark.slow),
 ])
 def test_shipped_config_trains_in_two_processes(name, tmp_path):
   workdir = tmp_path / 'run'
-  extra = SHIPPED_VOCAB if name.startswith('bert_') else []
+  extra = SHIPPED_VOCAB if name.startswith(('bert_', 'modernbert_')) else []
   run_two_processes(f'configs/{name}.py', workdir, *extra)
   rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   train_loss = {r['step']: r['train/loss'] for r in rows if 'train/loss' in r}

@@ -323,7 +323,8 @@ def _smoke_configs(sessions):
   out['domainbert'].data.eval_fraction = 0.02  # the shipped 3.4k names: 0.1% is ~3 names
   out['mini_bert'] = load_config('mini_bert')
   out['event_bert'] = load_config('event_bert')  # runs on its shipped sample, as is
-  for name in ('bert_base', 'bert_large'):
+  out['modernbert_base:tiny'] = load_config('modernbert_base', 'tiny')
+  for name in ('bert_base', 'bert_large', 'modernbert_base'):
     c = load_config(name)
     c.data.update(**shipped_vocab)
     c.model.vocab_size = 2048
@@ -338,7 +339,8 @@ def test_every_config_is_covered():
 
 
 @pytest.mark.parametrize('name', ['quickstart', 'domainbert:tiny', 'domainbert', 'mini_bert',
-                                  'event_bert', 'bert_base', 'bert_large'])
+                                  'event_bert', 'bert_base', 'bert_large', 'modernbert_base',
+                                  'modernbert_base:tiny'])
 def test_config_trains_five_steps(name, sessions_file, tmp_path):
   from mlm_jax import train
   c = _shrink(_smoke_configs(sessions_file)[name])

@@ -37,9 +37,14 @@ def _architecture(f: Facts) -> list[str]:
   total = f.param_counts.get('total')
   size = (f'{total:,} parameters ({f.param_counts.get("encoder", 0):,} in the encoder blocks)'
           if total else f'{f.exported_params:,} parameters')
+  if m.get('arch', 'bert') == 'modernbert':
+    what = ("ModernBERT (transformers' ModernBertForMaskedLM: rotary embeddings, bias-free pre-LN, "
+            f"GeGLU; global attention on layers i % {m['global_attn_every_n_layers']} == 0, a "
+            f"window of ±{m['local_attention'] // 2} tokens on the others)")
+  else:
+    what = f"BERT ({m['layer_norm']}-LN, exact GELU)"
   lines = ['## Architecture and size', '',
-           f"BERT ({m['layer_norm']}-LN, exact GELU) with a masked-language-model head tied to the "
-           f'word embeddings: {size}.', '',
+           f'{what} with a masked-language-model head tied to the word embeddings: {size}.', '',
            '| layers | hidden | heads | feed-forward | max length | vocabulary | token types |',
            '|---|---|---|---|---|---|---|',
            f"| {m['num_layers']} | {m['hidden_size']} | {m['num_heads']} | "
@@ -189,7 +194,9 @@ def _use(f: Facts) -> list[str]:
 
 
 def _files(f: Facts) -> list[str]:
-  model = ('`config.json`, `model.safetensors`: BertForMaskedLM, float32' if f.fmt == 'safetensors'
+  hf_class = ('ModernBertForMaskedLM' if f.config['model'].get('arch', 'bert') == 'modernbert'
+              else 'BertForMaskedLM')
+  model = (f'`config.json`, `model.safetensors`: {hf_class}, float32' if f.fmt == 'safetensors'
            else '`model.jax_export`: serialized jax.export (StableHLO); `params.npz`: float32 '
                 'weights; `stablehlo_run.py`: loader')
   return ['## Files', '', f'- {model}',
