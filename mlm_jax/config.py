@@ -146,10 +146,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Stop when checkpoint.best_metric has not improved for this many evaluations (0 disables).
   t.early_stopping_patience = 0
   # A new run's parameters start from this: a run directory (its newest checkpoint), a checkpoint
-  # step directory, or a Hugging Face BERT or ModernBERT directory ('' = random init). Optimizer state and step
-  # start fresh; a larger model.max_len interpolates the trained position table (README "Continued
-  # pretraining"). Only when the workdir has no checkpoint: a resumed run restores its own and
-  # ignores this field (so changing it on resume is allowed).
+  # step directory, or a Hugging Face BERT or ModernBERT directory ('' = random init). Optimizer
+  # state and step start fresh; a larger model.max_len interpolates the trained position table
+  # (README "Continued pretraining"). Only when the workdir has no checkpoint: a resumed run
+  # restores its own and ignores this field (so changing it on resume is allowed).
   t.init_from = ''
   # Resume even if a field that breaks bitwise-exact continuation changed (model shape, seed, data,
   # batch size, ...); the run warns that the resume is not exact.
