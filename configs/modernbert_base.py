@@ -11,9 +11,10 @@ embeddings (theta 160,000 on the global layers, 10,000 on the local ones), bias-
 global attention on every third layer and a ±64-token window on the others, GeGLU, dropout 0,
 LayerNorm eps 1e-5. The tokenizer is BERT-base's setup (a WordPiece vocab.txt of 30,522 pieces,
 bring your own as for configs/bert_base.py), not ModernBERT's BPE, so the exported model loads with
-a BertTokenizer. Recipe (ModernBERT paper, Warner et al. 2024): 30% masking, AdamW b2=0.98, peak
-learning rate 8e-4, weight decay 1e-5 fully decoupled (optax scales it by the learning rate:
-1e-5 / 8e-4 = 0.0125 here).
+a BertTokenizer. Recipe (ModernBERT paper, Warner et al. 2024; docs/recipes.md): 30% masking,
+StableAdamW (AdamW b2=0.98 with per-tensor update clipping), peak learning rate 8e-4 on a
+warmup-stable-decay schedule with a 1-sqrt decay, weight decay 1e-5 fully decoupled (optax scales
+it by the learning rate: 1e-5 / 8e-4 = 0.0125 here).
 
 Variants:
 - ':tiny': L4/H64/A4 (global layers 0 and 3, local 1 and 2, a ±16 window over 128 tokens) on the
@@ -35,8 +36,11 @@ def get_config(variant: str = ''):
                  local_rope_theta=10000.0, scan_layers=True, dtype='auto')
   c.data.update(text_unit='line', packing=True, vocab_path='', eval_files='', eval_fraction=0.005,
                 num_workers=2, mask_rate=0.3)
-  c.optimizer.update(learning_rate=8e-4, warmup_steps=3_000, schedule='linear', end_lr_ratio=0.0,
-                     weight_decay=0.0125, b1=0.9, b2=0.98, eps=1e-6, clip_norm=1.0)
+  # Warmup, then the peak held, then a 1-sqrt decay over the last 10% (docs/recipes.md); StableAdamW's
+  # per-tensor update clipping instead of global-norm gradient clipping.
+  c.optimizer.update(learning_rate=8e-4, warmup_steps=3_000, schedule='wsd', wsd_decay_fraction=0.1,
+                     end_lr_ratio=0.0, weight_decay=0.0125, b1=0.9, b2=0.98, eps=1e-6,
+                     clip_norm=0.0, update_clipping=True)
   # 256 x 1024 tokens per step (8x BERT-base's 256 x 128).
   c.train.update(steps=200_000, batch_size=256, log_every=100, eval_every=5_000, eval_steps=50)
   c.checkpoint.update(every=2_500, keep=3)

@@ -372,8 +372,9 @@ def _check_wsd(o, t):
                       f'{o.wsd_decay_fraction}')
   decay = int(round(o.wsd_decay_fraction * t.steps))
   if o.schedule == 'wsd' and o.warmup_steps + decay > t.steps:
-    raise ConfigError('optimizer.wsd_decay_fraction', f'the decay ({decay} steps) and '
-                      f'optimizer.warmup_steps={o.warmup_steps} overlap in train.steps={t.steps}')
+    logging.warning('optimizer.wsd_decay_fraction: the decay (%d steps) and optimizer.warmup_steps=%d '
+                    'overlap in train.steps=%d: the decay starts when warmup ends (%d steps)',
+                    decay, o.warmup_steps, t.steps, max(0, t.steps - o.warmup_steps))
 
 
 def resolve_dtype(name: str, backend: str) -> str:

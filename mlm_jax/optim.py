@@ -11,8 +11,11 @@ import optax
 
 
 def wsd_decay_steps(config) -> int:
-  """Steps of the wsd schedule's final 1-sqrt decay: round(wsd_decay_fraction * train.steps)."""
-  return int(round(config.optimizer.wsd_decay_fraction * config.train.steps))
+  """Steps of the wsd schedule's final 1-sqrt decay: round(wsd_decay_fraction * train.steps), cut
+  short so that it starts no earlier than the end of warmup (a run too short for both)."""
+  o, steps = config.optimizer, config.train.steps
+  decay = int(round(o.wsd_decay_fraction * steps))
+  return max(0, min(decay, steps - o.warmup_steps))
 
 
 def learning_rate_schedule(config) -> optax.Schedule:

@@ -59,8 +59,9 @@ def test_wsd_edge_fractions():
 def test_wsd_config_errors_name_the_field():
   with pytest.raises(ConfigError, match='optimizer.wsd_decay_fraction'):
     wsd_config(wsd_decay_fraction=1.5)
-  with pytest.raises(ConfigError, match='optimizer.wsd_decay_fraction.*overlap'):
-    wsd_config(warmup_steps=80)  # 80 warmup + 25 decay > 100 steps
+  # 80 warmup + 25 decay > 100 steps: a warning, and the decay takes the 20 steps after warmup.
+  short = optim.learning_rate_schedule(wsd_config(warmup_steps=80))
+  assert float(short(80)) == 2.0 and float(short(90)) == pytest.approx(0.2 + 1.8 * (1 - 0.5 ** 0.5))
   wsd_config(warmup_steps=80, schedule='cosine')  # the fraction only matters for wsd
 
 
