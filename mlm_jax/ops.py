@@ -75,11 +75,12 @@ def _matmul_f32(a, b, contract):
   return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
-def _transposed(x_MN):
-  """x.T as a row-major copy. XLA:CPU folds a plain transpose into the dot as a column-major
-  operand, which its bf16 matmul does not take (it converts both operands to fp32 instead); through
-  a unit axis the transpose stays a copy of its own."""
-  return jnp.swapaxes(x_MN[None], 1, 2)[0]
+def _transposed(x):
+  """x [..., K] as a row-major [K, prod(...)] copy (x.T for a matrix). XLA:CPU folds a plain
+  transpose into the dot as a column-major operand, which its bf16 matmul does not take (it converts
+  both operands to fp32 instead); through a unit axis the transpose stays a copy of its own. From
+  x's own shape, not a flattened [M, K] view: XLA:CPU transposes a flattened view ~20x slower."""
+  return jnp.moveaxis(x[None], -1, 1).reshape(x.shape[-1], -1)
 
 
 def _sum_rows(g_MN):
@@ -115,25 +116,26 @@ def _sum_rows_f32(g_MN):
 
 
 @jax.custom_vjp
-def _cpu_dense_bf16(x_MK, kernel_KN, bias_N):
-  """bf16 x @ kernel + bias in fp32, rounded to bf16; kernel and bias in their own (parameter)
-  dtype, so their gradients come out of the fp32 accumulators without a bf16 rounding."""
-  y_MN = _matmul_f32(x_MK, kernel_KN.astype(x_MK.dtype), (1, 0))
+def _cpu_dense_bf16(x, kernel_KN, bias_N):
+  """bf16 x [..., K] @ kernel + bias in fp32, rounded to bf16; kernel and bias in their own
+  (parameter) dtype, so their gradients come out of the fp32 accumulators without a bf16 rounding."""
+  y_MN = _matmul_f32(x.reshape(-1, x.shape[-1]), kernel_KN.astype(x.dtype), (1, 0))
   if bias_N is not None:
     y_MN = y_MN + bias_N.astype(jnp.float32)
-  return y_MN.astype(x_MK.dtype)
+  return y_MN.astype(x.dtype).reshape(*x.shape[:-1], -1)
 
 
-def _cpu_dense_bf16_fwd(x_MK, kernel_KN, bias_N):
-  return _cpu_dense_bf16(x_MK, kernel_KN, bias_N), (x_MK, kernel_KN, bias_N)
+def _cpu_dense_bf16_fwd(x, kernel_KN, bias_N):
+  return _cpu_dense_bf16(x, kernel_KN, bias_N), (x, kernel_KN, bias_N)
 
 
-def _cpu_dense_bf16_bwd(residuals, dy_MN):
-  x_MK, kernel_KN, bias_N = residuals
-  dx_MK = _matmul_f32(dy_MN, kernel_KN.astype(dy_MN.dtype), (1, 1)).astype(x_MK.dtype)
-  dkernel_KN = _matmul_f32(_transposed(x_MK), dy_MN, (1, 0)).astype(kernel_KN.dtype)
+def _cpu_dense_bf16_bwd(residuals, dy):
+  x, kernel_KN, bias_N = residuals
+  dy_MN = dy.reshape(-1, dy.shape[-1])
+  dx_MK = _matmul_f32(dy_MN, kernel_KN.astype(dy.dtype), (1, 1)).astype(x.dtype)
+  dkernel_KN = _matmul_f32(_transposed(x), dy_MN, (1, 0)).astype(kernel_KN.dtype)
   dbias_N = None if bias_N is None else _sum_rows_f32(dy_MN).astype(bias_N.dtype)
-  return dx_MK, dkernel_KN, dbias_N
+  return dx_MK.reshape(x.shape), dkernel_KN, dbias_N
 
 
 _cpu_dense_bf16.defvjp(_cpu_dense_bf16_fwd, _cpu_dense_bf16_bwd)
@@ -146,8 +148,7 @@ def dense(layer: nnx.Linear, x):
   dtype = layer.dtype or x.dtype
   if _cpu_bf16(dtype):
     bias = None if layer.bias is None else layer.bias[...]
-    y = _cpu_dense_bf16(x.astype(dtype).reshape(-1, x.shape[-1]), layer.kernel[...], bias)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    return _cpu_dense_bf16(x.astype(dtype), layer.kernel[...], bias)
   if _backend() != 'cpu' or layer.bias is None:
     return layer(x)
   kernel, bias = layer.kernel[...].astype(dtype), layer.bias[...].astype(dtype)
@@ -156,22 +157,26 @@ def dense(layer: nnx.Linear, x):
 
 
 @jax.custom_vjp
-def _cpu_tied_logits_bf16(x_MH, embedding_VH):
+def _cpu_tied_logits_bf16(x_BPH, embedding_VH):
   """fp32 logits x @ embedding.T of bf16 x, the embedding in its parameter dtype."""
-  return _matmul_f32(x_MH, embedding_VH.astype(x_MH.dtype), (1, 1))
+  b, p, h = x_BPH.shape
+  return _matmul_f32(x_BPH.reshape(b * p, h), embedding_VH.astype(x_BPH.dtype),
+                     (1, 1)).reshape(b, p, -1)
 
 
-def _cpu_tied_logits_bf16_fwd(x_MH, embedding_VH):
-  return _cpu_tied_logits_bf16(x_MH, embedding_VH), (x_MH, embedding_VH)
+def _cpu_tied_logits_bf16_fwd(x_BPH, embedding_VH):
+  return _cpu_tied_logits_bf16(x_BPH, embedding_VH), (x_BPH, embedding_VH)
 
 
-def _cpu_tied_logits_bf16_bwd(residuals, g_MV):
-  x_MH, embedding_VH = residuals
-  g_MV = g_MV.astype(x_MH.dtype)  # the loss's fp32 cotangent, rounded as GPUs/TPUs do
-  dx_MH = _matmul_f32(g_MV, embedding_VH.astype(x_MH.dtype), (1, 0)).astype(x_MH.dtype)
-  # Transposing g (M x V, bf16) costs less than transposing the [H x V] fp32 result would.
-  dembedding_VH = _matmul_f32(_transposed(g_MV), x_MH, (1, 0)).astype(embedding_VH.dtype)
-  return dx_MH, dembedding_VH
+def _cpu_tied_logits_bf16_bwd(residuals, g_BPV):
+  x_BPH, embedding_VH = residuals
+  b, p, h = x_BPH.shape
+  g_BPV = g_BPV.astype(x_BPH.dtype)  # the loss's fp32 cotangent, rounded as GPUs/TPUs do
+  g_MV, x_MH = g_BPV.reshape(b * p, -1), x_BPH.reshape(b * p, h)
+  dx_MH = _matmul_f32(g_MV, embedding_VH.astype(x_BPH.dtype), (1, 0)).astype(x_BPH.dtype)
+  # Transposing g ([B, P, V], bf16) costs less than transposing the [H x V] fp32 result would.
+  dembedding_VH = _matmul_f32(_transposed(g_BPV), x_MH, (1, 0)).astype(embedding_VH.dtype)
+  return dx_MH.reshape(b, p, h), dembedding_VH
 
 
 _cpu_tied_logits_bf16.defvjp(_cpu_tied_logits_bf16_fwd, _cpu_tied_logits_bf16_bwd)
@@ -179,11 +184,10 @@ _cpu_tied_logits_bf16.defvjp(_cpu_tied_logits_bf16_fwd, _cpu_tied_logits_bf16_bw
 
 def tied_logits(word: nnx.Embed, x_BPH):
   """fp32 logits `word.attend(x)` [B, P, V] of the decoder tied to the word embeddings."""
-  if not _cpu_bf16(word.dtype or x_BPH.dtype):
+  dtype = word.dtype or x_BPH.dtype
+  if not _cpu_bf16(dtype):
     return word.attend(x_BPH).astype(jnp.float32)
-  b, p, h = x_BPH.shape
-  x_MH = x_BPH.astype(word.dtype or x_BPH.dtype).reshape(b * p, h)
-  return _cpu_tied_logits_bf16(x_MH, word.embedding[...]).reshape(b, p, -1)
+  return _cpu_tied_logits_bf16(x_BPH.astype(dtype), word.embedding[...])
 
 
 @jax.custom_vjp

@@ -1,5 +1,7 @@
 """Test setup: 8 fake CPU devices so every test exercises the sharded code path, and a compilation
-cache shared by the whole session (identical programs compiled by different tests compile once)."""
+cache shared by the whole session (identical programs compiled by different tests compile once).
+JAX_PLATFORMS set beforehand wins: tools/gpu_check.sh runs the tests that hold on one device with
+JAX_PLATFORMS=cuda on the GPU."""
 import os
 import tempfile
 

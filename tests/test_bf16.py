@@ -20,6 +20,7 @@ from tests.test_train_step import batches, tiny_config
 from tools.profile_step import matmuls
 
 cpu_only = pytest.mark.skipif(jax.default_backend() != 'cpu', reason="ops' bf16 kernels are CPU's")
+gpu_only = pytest.mark.skipif(jax.default_backend() != 'gpu', reason='a GPU (tools/gpu_check.sh)')
 
 
 def _bf16(x):
@@ -40,6 +41,8 @@ ENTRY %main.9 (p0: bf16[8,4], p1: bf16[4,2]) -> f32[8,2] {
   %p1 = bf16[4,2]{1,0} parameter(1)
   %dot.2 = f32[8,2]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="jit(train_step)/jvp()/dot_general"}
   %mm = bf16[8,2]{1,0} custom-call(%p0, %p1), custom_call_target="__onednn$matmul"
+  %gemm = (bf16[8,2]{1,0}, s8[1024]{0}) custom-call(%p0, %p1), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(train_step)/transpose(jvp())/dot_general"}
+  %attn = (bf16[8,2]{1,0}, u8[0]{0}) custom-call(%p0, %p1), custom_call_target="__cudnn$fmhaSoftmax"
   ROOT %add.3 = f32[8,2]{1,0} add(%dot.2, %dot.2)
 }
 """
@@ -50,7 +53,8 @@ def test_matmul_table_reads_each_operand_s_dtype_in_its_computation():
   assert [(m.direction, m.source, m.operands, m.result) for m in found] == [
       ('bwd', 'BTNH,BSNH->BNTS/dot_general', ('bf16[64,32]', 'f32[32,16]'), 'f32[64,16]'),
       ('fwd', 'dot_general', ('bf16[8,4]', 'bf16[4,2]'), 'f32[8,2]'),
-      ('?', '(no metadata)', ('bf16[8,4]', 'bf16[4,2]'), 'bf16[8,2]')]
+      ('?', '(no metadata)', ('bf16[8,4]', 'bf16[4,2]'), 'bf16[8,2]'),
+      ('bwd', 'dot_general', ('bf16[8,4]', 'bf16[4,2]'), 'bf16[8,2]')]
   assert found[0].operand_dtypes == ('bf16', 'f32')
 
 
@@ -80,6 +84,7 @@ def _by_dtypes(found):
   return out
 
 
+@cpu_only
 @pytest.mark.parametrize('overrides', [
     {}, {'model.attention_dropout': 0.1, 'model.layer_norm': 'pre', 'model.scan_layers': True}])
 def test_every_matmul_of_the_bf16_step_takes_bf16_operands(overrides):
@@ -95,6 +100,7 @@ def test_every_matmul_of_the_bf16_step_takes_bf16_operands(overrides):
                                ('bwd', ('bf16', 'bf16')): 2 * forward}
 
 
+@cpu_only
 def test_the_fp32_step_has_the_same_matmuls_in_fp32():
   fp32 = [m for m in _step_matmuls('float32') if not _is_matvec(m)]
   assert {m.operand_dtypes for m in fp32} == {('f32', 'f32')}
@@ -182,3 +188,43 @@ def test_bf16_attention_and_its_gradients_are_close_to_fp32(rate):
     out16 = ops.attention(q, k, v, mask, 'auto', rate, key).astype(jnp.float32)
     out32 = ops.attention(*f32(q, k, v), mask, 'auto', rate, key)
     np.testing.assert_array_equal(np.asarray(out16) == 0, np.asarray(out32) == 0)
+
+
+def _attention_inputs(seed, b=2, l=128, n=4, d=64):
+  rng = np.random.default_rng(seed)
+  q, k, v = (jnp.asarray(rng.normal(size=(b, l, n, d)), jnp.bfloat16) for _ in range(3))
+  seg = np.ones((b, l), np.int32)
+  seg[0, 50:] = 2  # two packed records, and padding (segment 0) at the end of row 1
+  seg[1, 100:] = 0
+  mask = jnp.asarray((seg[:, :, None] == seg[:, None, :])[:, None])
+  return q, k, v, mask
+
+
+@gpu_only
+def test_cudnn_attention_matches_xla_with_packed_segments_and_gradients():
+  q, k, v, mask = _attention_inputs(0)
+  w = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
+
+  def loss(q, k, v, impl):
+    return jnp.sum(ops.attention(q, k, v, mask, impl).astype(jnp.float32) * w)
+
+  for impl in ('cudnn', 'xla'):
+    assert ops.attention(q, k, v, mask, impl).dtype == jnp.bfloat16
+  hlo = jax.jit(lambda q, k, v: ops.attention(q, k, v, mask, 'cudnn')).lower(q, k, v).compile()
+  assert 'cudnn' in hlo.as_text()  # the fused kernel ran, not a fallback
+  want = np.asarray(ops.attention(q, k, v, mask, 'xla'), np.float32)
+  got = np.asarray(ops.attention(q, k, v, mask, 'cudnn'), np.float32)
+  np.testing.assert_allclose(got, want, atol=2e-2, rtol=2e-2)
+  grads = [jax.grad(loss, argnums=(0, 1, 2))(q, k, v, impl) for impl in ('xla', 'cudnn')]
+  for a, b in zip(*grads):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.linalg.norm(a - b) / np.linalg.norm(a) < 2e-2
+
+
+@gpu_only
+def test_bf16_step_on_a_gpu_runs_bf16_gemms_and_cudnn_attention():
+  shape = {'model.hidden_size': 128, 'model.num_heads': 2, 'model.intermediate_size': 256,
+           'model.max_len': 128}  # head size 64: cuDNN's
+  found = _step_matmuls('bfloat16', **shape, **{'model.attention_impl': 'cudnn'})
+  not_bf16 = [m for m in found if m.operand_dtypes != ('bf16', 'bf16')]
+  assert found and not not_bf16, '\n'.join(map(str, not_bf16))

@@ -48,12 +48,15 @@ def hlo_index(hlo_text: str) -> dict[str, tuple[str, str]]:
 
 _COMPUTATION = re.compile(r'^(?:ENTRY )?%(\S+) .*\{$')
 _VALUE = re.compile(r'^\s*(?:ROOT )?%(\S+) = (\w+)(\[[^\]]*\])')
-_MATMUL = re.compile(r'^\s*(?:ROOT )?%(\S+) = (\w+\[[^\]]*\])\S* (dot|custom-call)\(([^)]*)\)(.*)$')
+# A dot, or a library matmul's custom-call (oneDNN on CPU, cuBLAS on GPU; its result may be a tuple
+# with a workspace: the first element is the product).
+_MATMUL = re.compile(r'^\s*(?:ROOT )?%(\S+) = \(?(\w+\[[^\]]*\]).*? (dot|custom-call)\(([^)]*)\)(.*)$')
+_LIBRARY_MATMUL = re.compile(r'custom_call_target="[^"]*(?:matmul|gemm)[^"]*"', re.I)
 
 
 @dataclasses.dataclass(frozen=True)
 class Matmul:
-  """One matmul of an optimized HLO module: a `dot`, or a oneDNN matmul custom-call."""
+  """One matmul of an optimized HLO module: a `dot`, or a library matmul's custom-call."""
   direction: str  # 'fwd', or 'bwd' (from the transpose of a JAX op: autodiff or a custom_vjp)
   source: str  # the JAX operation (HLO metadata op_name, jit and autodiff wrappers removed)
   operands: tuple[str, ...]  # dtype[shape] of each operand
@@ -98,7 +101,7 @@ def matmuls(hlo_text: str) -> list[Matmul]:
     if v:
       values[v.group(1)] = v.group(2) + v.group(3)
     m = _MATMUL.match(line)
-    if m and (m.group(3) == 'dot' or 'matmul' in m.group(5).lower()):
+    if m and (m.group(3) == 'dot' or _LIBRARY_MATMUL.search(m.group(5))):
       pending.append((m.group(1), m.group(2), m.group(4), m.group(5)))
   flush()
   return found
