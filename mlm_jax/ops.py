@@ -70,7 +70,7 @@ def _cpu_bf16(dtype) -> bool:
 
 
 def _matmul_f32(a, b, contract):
-  """a @ b contracting a's dim contract[0] with b's contract[1], accumulated and returned in fp32."""
+  """a @ b over a's dim contract[0] and b's contract[1], accumulated and returned in fp32."""
   dims = (((contract[0],), (contract[1],)), ((), ()))
   return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
@@ -118,7 +118,7 @@ def _sum_rows_f32(g_MN):
 @jax.custom_vjp
 def _cpu_dense_bf16(x, kernel_KN, bias_N):
   """bf16 x [..., K] @ kernel + bias in fp32, rounded to bf16; kernel and bias in their own
-  (parameter) dtype, so their gradients come out of the fp32 accumulators without a bf16 rounding."""
+  (parameter) dtype, so their gradients come out of the fp32 accumulators unrounded."""
   y_MN = _matmul_f32(x.reshape(-1, x.shape[-1]), kernel_KN.astype(x.dtype), (1, 0))
   if bias_N is not None:
     y_MN = y_MN + bias_N.astype(jnp.float32)

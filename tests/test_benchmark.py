@@ -54,6 +54,10 @@ def test_dropout_defaults_and_overrides():
   assert (args.dropout, args.attention_dropout) == (0.0, 0.0)
   config = benchmark.make_config(benchmark.parse_args(['--attention_impl', 'xla']))
   assert (config.model.attention_dropout, config.model.attention_impl) == (0.1, 'xla')
+  args = benchmark.parse_args(['--attention_impl', 'cudnn'])  # the fused kernel has no dropout
+  assert (args.dropout, args.attention_dropout) == (0.1, 0.0)
+  with pytest.raises(SystemExit):
+    benchmark.parse_args(['--attention_impl', 'cudnn', '--attention_dropout', '0.1'])
 
 
 def test_pack_makes_rows_of_k_records_with_positions_restarting():
@@ -85,6 +89,20 @@ def test_profile_step_lists_the_step_s_ops(tmp_path):
   assert all('jit(train_step)' in src or src == '(inserted by XLA)' for _, src in rows), out
   assert any('jit(train_step)' in src for _, src in rows), out
   assert 'matmul (ynn_fusion)' in out
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_passes_every_step():
+  """tools/gpu_check.sh with GPU_CHECK_DRY=1: its tests and benchmarks, tiny, on the CPU (~80 s)."""
+  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
+  proc = subprocess.run([os.path.join(_REPO, 'tools', 'gpu_check.sh')],
+                        env={**env, 'GPU_CHECK_DRY': '1', 'PYTHON': sys.executable},
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  for name in ('bert_base_s128', 'bert_base_s512'):
+    assert re.search(rf'^{name}: RESULT tokens_per_s=[0-9.]+ step_ms=[0-9.]+ mfu=[0-9.]+$',
+                     proc.stdout, re.M), proc.stdout[-3000:]
+  assert 'failed steps: 0' in proc.stdout
 
 
 def test_compare_skips_cleanly_without_the_reference(tmp_path):

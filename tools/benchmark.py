@@ -19,7 +19,8 @@ formula.
 
 Dropout: by default the reference's for --arch bert (0.1 on hidden states and on the attention
 probabilities, FlaxBert's hidden_dropout_prob and attention_probs_dropout_prob), so that --compare
-times equal work; configs/modernbert_base.py's (none) for --arch modernbert. --arch modernbert
+times equal work; configs/modernbert_base.py's (none) for --arch modernbert; no attention dropout
+with --attention_impl cudnn (the fused kernel has none). --arch modernbert
 takes the rest of its model section and its mask rate (30%) from that config too.
 
 MFU: model FLOPs per token (mlm_jax.model.model_flops_per_token) x tokens/s over a peak: on GPU/TPU
@@ -76,8 +77,8 @@ def parse_args(argv=None):
   p.add_argument('--dropout', type=float, default=None,
                  help='model.dropout (default: 0.1 as the reference; modernbert: 0)')
   p.add_argument('--attention_dropout', type=float, default=None,
-                 help='model.attention_dropout (default: 0.1 as the reference, whose FlaxBert drops '
-                      'attention probabilities; modernbert: 0)')
+                 help='model.attention_dropout (default: 0.1 as the reference, whose FlaxBert '
+                      'drops attention probabilities; modernbert and --attention_impl cudnn: 0)')
   p.add_argument('--peak_gflops', type=float, default=0.0,
                  help='MFU denominator; 0 = measure fp32 matmul GFLOP/s here (cpu_peak.py method)')
   p.add_argument('--no_launch', action='store_true', help='skip mlm_jax.launch process settings')
@@ -97,7 +98,13 @@ def parse_args(argv=None):
     p.error('--packed K needs 0 <= K and at least 4 tokens per record')
   default_rate = REFERENCE_DROPOUT if args.arch == 'bert' else 0.0
   args.dropout = default_rate if args.dropout is None else args.dropout
-  args.attention_dropout = default_rate if args.attention_dropout is None else args.attention_dropout
+  if args.attention_impl == 'cudnn':  # the fused kernel has no dropout
+    if args.attention_dropout:
+      p.error("--attention_impl cudnn: cuDNN's kernel has no attention dropout "
+              '(--attention_dropout 0)')
+    args.attention_dropout = 0.0
+  elif args.attention_dropout is None:
+    args.attention_dropout = default_rate
   return args
 
 

@@ -50,7 +50,8 @@ _COMPUTATION = re.compile(r'^(?:ENTRY )?%(\S+) .*\{$')
 _VALUE = re.compile(r'^\s*(?:ROOT )?%(\S+) = (\w+)(\[[^\]]*\])')
 # A dot, or a library matmul's custom-call (oneDNN on CPU, cuBLAS on GPU; its result may be a tuple
 # with a workspace: the first element is the product).
-_MATMUL = re.compile(r'^\s*(?:ROOT )?%(\S+) = \(?(\w+\[[^\]]*\]).*? (dot|custom-call)\(([^)]*)\)(.*)$')
+_MATMUL = re.compile(
+    r'^\s*(?:ROOT )?%(\S+) = \(?(\w+\[[^\]]*\]).*? (dot|custom-call)\(([^)]*)\)(.*)$')
 _LIBRARY_MATMUL = re.compile(r'custom_call_target="[^"]*(?:matmul|gemm)[^"]*"', re.I)
 
 
