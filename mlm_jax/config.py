@@ -64,8 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.remat_policy = 'none'
   # Apply the (always stacked) encoder blocks with lax.scan: fast compile for deep models, same numbers.
   m.scan_layers = False
-  # jax.nn.dot_product_attention implementation: 'auto' (cuDNN's fused kernel on GPU for bfloat16
-  # compute where cuDNN accepts the shapes, else XLA), 'xla' or 'cudnn' (fails if unsupported).
+  # Attention implementation: 'auto' (cuDNN's fused kernel on GPU for bfloat16 compute where cuDNN
+  # accepts the shapes; on CPU in bfloat16 ops' own, whose matmuls stay bf16; else XLA's
+  # jax.nn.dot_product_attention), 'xla' or 'cudnn' (fails if unsupported; no attention dropout).
   m.attention_impl = 'auto'
   # Architecture: 'bert' (learned positions, post- or pre-LN) or 'modernbert' (transformers'
   # ModernBERT: rotary, bias-free pre-LN, GeGLU, alternating global/local attention; needs
