@@ -9,9 +9,10 @@ Contenders, each given the same wall-clock budget, one after another:
   run_mlm_flax's group_texts does; run by tools/race_reference.py in the reference's interpreter.
 - `bert`: ours, `configs/mini_bert.py` (the BERT recipe), as a user runs it: `python -m mlm_jax.main`.
 - `modern`: ours, `configs/modernbert_base.py:mini` (the modern recipe: ModernBERT blocks, 30%
-  masking, warmup-stable-decay, update clipping), through the same CLI.
-All three have the Mini-BERT shape's budget: L3/H192/A4, the same 8K WordPiece vocabulary trained on
-the training text, sequences of 128, 32 sequences per step. Each recipe's schedule length is set
+  masking, warmup-stable-decay, update clipping, no dropout; bf16 compute where the CPU has bf16
+  matmul instructions, AVX512-BF16 or AMX), through the same CLI.
+All three have the Mini-BERT shape: L3/H192/A4 with the same feed-forward parameters, the same 8K
+WordPiece vocabulary trained on the training text, sequences of 128, 32 sequences per step. Each recipe's schedule length is set
 from its step time, measured in a short calibration run first, so that it ends with the budget.
 
 Scoring: tools/race_score.py, one scorer for all: the held-out text, one line per row, with fixed
@@ -56,7 +57,7 @@ def parse_args(argv=None):
                                                       'wiki.valid.raw'))
   p.add_argument('--heldout_text', default='', help="'' = the train text's last 10%% of articles")
   p.add_argument('--budget_s', type=float, default=300.0, help='wall-clock seconds per contender')
-  p.add_argument('--score_every_s', type=float, default=0.0, help='0 = budget / 12')
+  p.add_argument('--score_every_s', type=float, default=0.0, help='0 = budget / 20')
   p.add_argument('--contenders', default='ref,bert,modern')
   p.add_argument('--workdir', default='/tmp/mlm_jax_race')
   p.add_argument('--vocab', type=int, default=8192)
@@ -68,7 +69,7 @@ def parse_args(argv=None):
   p.add_argument('--calibrate_steps', type=int, default=30,
                  help='steps of the calibration run that times each recipe')
   args = p.parse_args(argv)
-  args.score_every_s = args.score_every_s or args.budget_s / 12
+  args.score_every_s = args.score_every_s or args.budget_s / 20
   return args
 
 
@@ -155,9 +156,21 @@ def _our_overrides(args, name, paths, vocab, steps, workdir):
        'checkpoint.every': 0, 'checkpoint.every_seconds': args.score_every_s,
        'checkpoint.keep': 1000, 'checkpoint.keep_best': 0, 'model.vocab_size': args.vocab,
        'model.max_len': args.seq, 'optimizer.warmup_steps': max(1, steps // 10)}
-  o.update({f'model.{k}': v for k, v in _MODEL.items()})
-  del name, workdir
+  if name == 'bert':
+    o.update({f'model.{k}': v for k, v in _MODEL.items()})
+  elif bf16_matmuls():  # the modern recipe computes in bf16 where the CPU multiplies in bf16
+    o['model.dtype'] = 'bfloat16'
+  del workdir
   return o
+
+
+def bf16_matmuls() -> bool:
+  """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX): bf16 pays there."""
+  try:
+    flags = open('/proc/cpuinfo').read()
+  except OSError:
+    return False
+  return bool(re.search(r'\b(avx512_bf16|amx_bf16)\b', flags))
 
 
 def run_ours(args, name, paths, vocab, steps, workdir, budget_s, **extra):
