@@ -18,6 +18,7 @@ from flax import nnx
 
 from mlm_jax import modernbert
 from mlm_jax import ops
+from mlm_jax import stack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,12 +124,6 @@ class EncoderBlock(nnx.Module):
     return self.ff_norm(x_BLH + ops.dropout(ops.dense(self.ff_out, ff_BLF), rate, keys[2]))
 
 
-_REMAT_POLICIES = {
-    'full': None,  # save nothing
-    'save_dots': jax.checkpoint_policies.checkpoint_dots,
-}
-
-
 class MlmHead(nnx.Module):
   """Dense + GELU + LayerNorm, then the decoder tied to the word embeddings (plus a bias)."""
 
@@ -151,12 +146,7 @@ class Bert(nnx.Module):
     self.cfg = cfg
     self.embeddings = Embeddings(cfg, rngs=rngs)
 
-    @nnx.split_rngs(splits=cfg.num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def make_blocks(rngs):
-      return EncoderBlock(cfg, rngs=rngs)
-
-    self.blocks = make_blocks(rngs)
+    self.blocks = stack.stack_blocks(EncoderBlock, cfg, rngs)
     if cfg.layer_norm == 'pre':
       self.final_norm = nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=cfg.dtype,
                                       param_dtype=cfg.param_dtype, rngs=rngs)
@@ -178,16 +168,7 @@ class Bert(nnx.Module):
       key = None if keys[1] is None else jax.random.fold_in(keys[1], i)
       return nnx.merge(graphdef, block_state)(x_BLH, mask_B1LL, key)
 
-    if cfg.remat_policy != 'none':
-      apply_block = jax.checkpoint(apply_block, policy=_REMAT_POLICIES[cfg.remat_policy])
-    if cfg.scan_layers:
-      def body(x_BLH, inputs):
-        block_state, i = inputs
-        return apply_block(x_BLH, block_state, i), None
-      x_BLH, _ = jax.lax.scan(body, x_BLH, (stacked, jnp.arange(cfg.num_layers)))
-    else:
-      for i in range(cfg.num_layers):
-        x_BLH = apply_block(x_BLH, jax.tree.map(lambda p, i=i: p[i], stacked), i)
+    x_BLH = stack.apply_stacked(apply_block, stacked, x_BLH, cfg)
     if cfg.layer_norm == 'pre':
       x_BLH = self.final_norm(x_BLH)
     return x_BLH

@@ -30,13 +30,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mlm_jax import ops
+from mlm_jax import stack
 
 # transformers' initializer_cutoff_factor: weights are drawn from N(0, std²) cut at ±2 std.
 INIT_CUTOFF = 2.0
-_REMAT_POLICIES = {  # as model.py's
-    'full': None,
-    'save_dots': jax.checkpoint_policies.checkpoint_dots,
-}
 
 
 def _init(std: float):
@@ -174,12 +171,7 @@ class ModernBert(nnx.Module):
     self.cfg = cfg
     self.embeddings = Embeddings(cfg, rngs=rngs)
 
-    @nnx.split_rngs(splits=cfg.num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def make_blocks(rngs):
-      return EncoderBlock(cfg, rngs=rngs)
-
-    self.blocks = make_blocks(rngs)
+    self.blocks = stack.stack_blocks(EncoderBlock, cfg, rngs)
     # Layer 0 normalizes nothing before attention: its row would be a parameter that never
     # trains, which transformers' model does not have. (A 1-layer model keeps it, unused: orbax
     # cannot save an empty array.)
@@ -212,18 +204,7 @@ class ModernBert(nnx.Module):
       first = i == 0
       return nnx.merge(graphdef, block_state)(x_BLH, first, mask_B1LL, rotary, key)
 
-    if cfg.remat_policy != 'none':
-      apply_block = jax.checkpoint(apply_block, policy=_REMAT_POLICIES[cfg.remat_policy],
-                                   static_argnums=() if cfg.scan_layers else (2,))
-    if cfg.scan_layers:
-      def body(x_BLH, inputs):
-        block_state, i = inputs
-        return apply_block(x_BLH, block_state, i), None
-      x_BLH, _ = jax.lax.scan(body, x_BLH, (stacked, jnp.arange(cfg.num_layers)))
-    else:
-      for i in range(cfg.num_layers):
-        x_BLH = apply_block(x_BLH, jax.tree.map(lambda p, i=i: p[i], stacked), i)
-    return self.final_norm(x_BLH)
+    return self.final_norm(stack.apply_stacked(apply_block, stacked, x_BLH, cfg))
 
   def __call__(self, batch: Mapping[str, jax.Array], dropout_key=None) -> jax.Array:
     x_BLH = self.encode(batch, dropout_key)
