@@ -73,17 +73,32 @@ def read_hf_weights(hf_dir: str) -> dict[str, np.ndarray]:
   return out
 
 
+class _Taker:
+  """Reads checkpoint tensors by key, remembering which were read (the rest are 'unused')."""
+
+  def __init__(self, weights: dict[str, np.ndarray], model: str):
+    self.weights, self.model, self.used = weights, model, set()
+
+  def __call__(self, key):
+    if key not in self.weights:
+      raise HfImportError(f'the checkpoint lacks {key!r}' + (f' (a {self.model} has it)'
+                                                              if self.model else ''))
+    self.used.add(key)
+    return self.weights[key]
+
+
+def weight_taker(weights: dict[str, np.ndarray], model: str = ''):
+  """(take, used): take(key) returns a tensor or raises HfImportError naming the key (and the
+  model class that has it); `used` is the set of keys taken so far."""
+  taker = _Taker(weights, model)
+  return taker, taker.used
+
+
 def our_params(weights: dict[str, np.ndarray], hf: dict,
                max_len: int | None = None) -> tuple[dict, list[str]]:
   """HF tensors -> our params (nested dict, stacked blocks, fused QKV); also the keys left unused.
   `max_len`: keep the first max_len positions (None: all of them)."""
-  used = set()
-
-  def take(key):
-    if key not in weights:
-      raise HfImportError(f'the checkpoint lacks {key!r}')
-    used.add(key)
-    return weights[key]
+  take, used = weight_taker(weights)
 
   def linear(prefix):  # torch [out, in] -> nnx kernel [in, out]
     return {'kernel': take(prefix + '.weight').T, 'bias': take(prefix + '.bias')}

@@ -11,6 +11,7 @@ layers axis, and layer 0 has no attention norm in either model (ours stacks num_
 """
 import numpy as np
 
+from mlm_jax import hf_bert
 from mlm_jax.hf_bert import HfImportError
 
 MODEL_TYPE = 'modernbert'
@@ -184,13 +185,7 @@ def hf_state_dict(params: dict, model: dict) -> dict[str, np.ndarray]:
 def our_params(weights: dict[str, np.ndarray], hf: dict) -> tuple[dict, list[str]]:
   """HF ModernBertForMaskedLM tensors (hf_bert.read_hf_weights) -> our params; also the keys
   left unused."""
-  used = set()
-
-  def take(key):
-    if key not in weights:
-      raise HfImportError(f'the checkpoint lacks {key!r} (a ModernBertForMaskedLM has it)')
-    used.add(key)
-    return weights[key]
+  take, used = hf_bert.weight_taker(weights, 'ModernBertForMaskedLM')
 
   scale = lambda key: {'scale': take(key)}
   kernel = lambda key: {'kernel': _t(take(key))}

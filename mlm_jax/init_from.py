@@ -98,34 +98,25 @@ def _read_ours(path: str) -> Source:
 
 
 def _read_hf(path: str) -> Source:
-  if hf_bert.read_json(epath.Path(path) / 'config.json').get('model_type') == (
-      hf_modernbert.MODEL_TYPE):
-    return _read_hf_modernbert(path)
+  hf = hf_bert.read_json(epath.Path(path) / 'config.json')
+  modern = hf.get('model_type') == hf_modernbert.MODEL_TYPE
   try:
-    hf, notes = hf_bert.read_hf_config(path)
-    params, unused = hf_bert.our_params(hf_bert.read_hf_weights(path), hf)
+    if modern:
+      model, notes = hf_modernbert.model_fields(hf)
+      params, unused = hf_modernbert.our_params(hf_bert.read_hf_weights(path), hf)
+    else:
+      hf, notes = hf_bert.read_hf_config(path)
+      params, unused = hf_bert.our_params(hf_bert.read_hf_weights(path), hf)
+      model = {ours: int(hf[theirs]) for theirs, ours in hf_bert.SHAPE_FIELDS.items()}
+      model.update(max_len=params['embeddings']['position']['embedding'].shape[0],
+                   extra_embeddings={}, layer_norm='post',
+                   layer_norm_eps=float(hf.get('layer_norm_eps', 1e-12)), arch='bert')
   except hf_bert.HfImportError as e:
     raise ConfigError(FIELD, f'{path}: {e}') from None
   if unused:
     notes.append(f'ignored {len(unused)} tensors without a slot in our model: {unused[:5]}')
-  model = {ours: int(hf[theirs]) for theirs, ours in hf_bert.SHAPE_FIELDS.items()}
-  model.update(max_len=params['embeddings']['position']['embedding'].shape[0], extra_embeddings={},
-               layer_norm='post', layer_norm_eps=float(hf.get('layer_norm_eps', 1e-12)),
-               arch='bert')
-  return Source(f'{path} (Hugging Face BERT)', model, params, None, _hf_vocab(path, notes), notes)
-
-
-def _read_hf_modernbert(path: str) -> Source:
-  try:
-    hf = hf_bert.read_json(epath.Path(path) / 'config.json')
-    model, notes = hf_modernbert.model_fields(hf)
-    params, unused = hf_modernbert.our_params(hf_bert.read_hf_weights(path), hf)
-  except hf_bert.HfImportError as e:
-    raise ConfigError(FIELD, f'{path}: {e}') from None
-  if unused:
-    notes.append(f'ignored {len(unused)} tensors without a slot in our model: {unused[:5]}')
-  return Source(f'{path} (Hugging Face ModernBERT)', model, params, None, _hf_vocab(path, notes),
-                notes)
+  name = 'ModernBERT' if modern else 'BERT'
+  return Source(f'{path} (Hugging Face {name})', model, params, None, _hf_vocab(path, notes), notes)
 
 
 def _hf_vocab(path: str, notes: list[str]):
