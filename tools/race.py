@@ -148,7 +148,7 @@ def run_reference(args, budget_s, steps, score_every_s, out=''):
 # --------------------------------------------------------------------------------------- ours
 
 
-def _our_overrides(args, name, paths, vocab, steps, workdir):
+def _our_overrides(args, name, paths, vocab, steps):
   o = {'data.train_files': paths['train'], 'data.eval_files': paths['heldout'],
        'data.vocab_path': vocab, 'data.text_unit': 'line', 'train.steps': steps,
        'train.batch_size': args.batch, 'train.grad_accum_steps': 1, 'train.eval_every': 0,
@@ -160,7 +160,6 @@ def _our_overrides(args, name, paths, vocab, steps, workdir):
     o.update({f'model.{k}': v for k, v in _MODEL.items()})
   elif bf16_matmuls():  # the modern recipe computes in bf16 where the CPU multiplies in bf16
     o['model.dtype'] = 'bfloat16'
-  del workdir
   return o
 
 
@@ -176,7 +175,7 @@ def bf16_matmuls() -> bool:
 def run_ours(args, name, paths, vocab, steps, workdir, budget_s, **extra):
   """The CLI, stopped with SIGTERM (a clean stop: it saves) if it outlives the budget (None: no
   limit)."""
-  overrides = {**_our_overrides(args, name, paths, vocab, steps, workdir), **extra}
+  overrides = {**_our_overrides(args, name, paths, vocab, steps), **extra}
   cmd = [sys.executable, '-m', 'mlm_jax.main', f'--config={os.path.join(_REPO, _CONFIGS[name])}',
          f'--workdir={workdir}'] + [f'--config.{k}={v}' for k, v in overrides.items()]
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
